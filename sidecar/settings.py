@@ -1,0 +1,155 @@
+"""The typed, frozen config tree. `config.py` builds it from YAML; nothing else does.
+
+Durations are float seconds, sizes are int bytes. Every layer factory takes
+the piece of this tree it needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    outbound: tuple[str, int] = ("127.0.0.1", 15001)
+    inbound: tuple[str, int] = ("0.0.0.0", 15006)
+    admin: tuple[str, int] = ("127.0.0.1", 15000)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    algorithm: str = "EdDSA"  # EdDSA | ES256 | RS256 | HS256
+    private_key_file: str | None = None
+    secret_file: str | None = None
+    jwks_file: str | None = None
+    token_ttl: float = 60.0
+    max_token_ttl: float = 300.0
+    clock_skew: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    sources: tuple[str, ...]  # `from`; "*" allows every verified service
+    methods: tuple[str, ...] | None = None  # None: every method
+    paths: tuple[str, ...] | None = None  # None: every path
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    app: str = "http://127.0.0.1:8000"
+    app_health_path: str | None = None
+    public_paths: tuple[str, ...] = ()
+    policy: tuple[PolicyRule, ...] | None = None  # None: any verified mesh service
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_header_line: int = 8 * 1024
+    max_headers: int = 100
+    max_request_body: int = 10 * 1024 * 1024
+    header_timeout: float = 10.0
+    idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    base: float = 0.025
+    max: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBudget:
+    ratio: float = 0.2
+    min_per_second: float = 10.0
+    window: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int = 3
+    per_try_timeout: float = 3.0
+    backoff: Backoff = field(default_factory=Backoff)
+    retry_on: frozenset[str] = frozenset(
+        {"connect-failure", "reset", "per-try-timeout", "502", "503", "504"}
+    )
+    idempotent_methods: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+    budget: RetryBudget = field(default_factory=RetryBudget)
+    max_body: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerPolicy:
+    failure_threshold: int = 5
+    recovery_timeout: float = 30.0
+    half_open_max_calls: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BulkheadPolicy:
+    max_concurrent: int = 100
+    max_pending: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierPolicy:
+    consecutive_failures: int = 5
+    base_ejection: float = 30.0
+    max_ejected_percent: int = 50
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    path: str = "/healthz"
+    interval: float = 10.0
+    timeout: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePolicy:
+    """Everything `defaults` holds; each service inherits it and may override any part."""
+
+    timeout: float = 10.0
+    connect_timeout: float = 1.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    circuit_breaker: BreakerPolicy = field(default_factory=BreakerPolicy)
+    bulkhead: BulkheadPolicy = field(default_factory=BulkheadPolicy)
+    outlier_detection: OutlierPolicy = field(default_factory=OutlierPolicy)
+    health_check: HealthCheck | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    endpoints: tuple[str, ...]
+    policy: ServicePolicy = field(default_factory=ServicePolicy)
+    routes: tuple[str, ...] = ()
+    mesh: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Tracing:
+    exporter: str = "none"  # otlp | console | none
+    protocol: str = "http/protobuf"  # or grpc
+    endpoint: str | None = None
+    sample_ratio: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    service: str
+    identity: Identity
+    trust_domain: str | None = None
+    listen: Listen = field(default_factory=Listen)
+    drain_timeout: float = 10.0
+    inbound: Inbound = field(default_factory=Inbound)
+    limits: Limits = field(default_factory=Limits)
+    defaults: ServicePolicy = field(default_factory=ServicePolicy)
+    services: dict[str, Service] = field(default_factory=dict)
+    tracing: Tracing = field(default_factory=Tracing)
+    audit: Audit = field(default_factory=Audit)
+    source_file: str | None = None

@@ -1,0 +1,175 @@
+"""The shape every layer shares: a `Call` passes through `(call, next) -> Reply` layers.
+
+`compose` turns an ordered list of layers and a terminal handler into one
+handler. The lists themselves live in `outbound/stack.py` and
+`inbound/stack.py`; they are the architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from multidict import CIMultiDict
+
+Direction = Literal["outbound", "inbound"]
+
+
+class Body:
+    """A request body: streamed once, or buffered in memory so it can be replayed.
+
+    `buffer(limit)` reads up to `limit` bytes; if the whole body fits, the body
+    becomes replayable. Otherwise what was read is kept in front of the rest of
+    the stream and the body can be sent exactly once.
+    """
+
+    __slots__ = ("_consumed", "_head", "_stream", "complete", "length")
+
+    def __init__(
+        self,
+        stream: AsyncIterator[bytes] | None = None,
+        data: bytes | None = None,
+        length: int | None = None,
+    ) -> None:
+        self._stream = stream
+        self._head = data or b""
+        self.complete = stream is None
+        self.length = length if length is not None else (len(self._head) if self.complete else None)
+        self._consumed = False
+
+    @classmethod
+    def empty(cls) -> Body:
+        return cls(data=b"")
+
+    @property
+    def replayable(self) -> bool:
+        return self.complete
+
+    @property
+    def is_empty(self) -> bool:
+        return self.complete and not self._head
+
+    async def buffer(self, limit: int) -> bool:
+        """Read up to `limit` bytes into memory; True if the whole body is now held."""
+        if self.complete:
+            return True
+        if self.length is not None and self.length > limit:
+            return False
+        assert self._stream is not None
+        parts = [self._head]
+        size = len(self._head)
+        async for chunk in self._stream:
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                self._head = b"".join(parts)
+                return False
+        self._head = b"".join(parts)
+        self.complete = True
+        self.length = size
+        return True
+
+    def payload(self) -> bytes | AsyncIterator[bytes]:
+        """What to send upstream: the bytes when held, else the stream (once only)."""
+        if self.complete:
+            return self._head
+        if self._consumed:
+            raise RuntimeError("a streamed body can be sent only once")
+        self._consumed = True
+        return self._chain()
+
+    async def _chain(self) -> AsyncIterator[bytes]:
+        if self._head:
+            yield self._head
+        assert self._stream is not None
+        async for chunk in self._stream:
+            yield chunk
+
+    @property
+    def held(self) -> bytes:
+        return self._head
+
+
+@dataclass(slots=True)
+class Call:
+    """One request on its way through a stack.
+
+    `path` is the path without the query; `route` is its PHI-safe template,
+    the only form of the path that telemetry and audit ever see.
+    """
+
+    direction: Direction
+    method: str
+    path: str
+    query: str
+    headers: CIMultiDict[str]
+    body: Body
+    source: str = "anonymous"
+    target: str = ""
+    route: str = "/"
+    deadline: float | None = None
+    attempts: int = 0
+    scheme: str = "http"
+    started: float = 0.0
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def target_path(self) -> str:
+        """Path plus query, as sent upstream."""
+        return f"{self.path}?{self.query}" if self.query else self.path
+
+
+@dataclass(slots=True)
+class Reply:
+    """A response on its way back. `body` is bytes, or a stream from upstream.
+
+    `reason` is the sidecar reason code (this sidecar's own, or one relayed
+    from the far sidecar); `release` returns an upstream connection to its
+    pool and must be called for every reply that is dropped rather than sent.
+    """
+
+    status: int
+    headers: CIMultiDict[str]
+    body: bytes | AsyncIterator[bytes] = b""
+    reason: str | None = None
+    made_here: bool = False
+    release: Callable[[], None] | None = None
+
+    def discard(self) -> None:
+        if self.release is not None:
+            self.release()
+            self.release = None
+
+
+Handler = Callable[[Call], Awaitable[Reply]]
+Layer = Callable[[Call, Handler], Awaitable[Reply]]
+
+
+def compose(*layers: Layer, terminal: Handler) -> Handler:
+    """Chain `layers` in order around `terminal`; the first layer runs first."""
+    handler = terminal
+    for layer in reversed(layers):
+        handler = _bind(layer, handler)
+    return handler
+
+
+def _bind(layer: Layer, next_handler: Handler) -> Handler:
+    async def handle(call: Call) -> Reply:
+        return await layer(call, next_handler)
+
+    handle.__qualname__ = getattr(layer, "__qualname__", "layer")
+    return handle
+
+
+class UpstreamError(Exception):
+    """A call to an upstream failed before a response began.
+
+    `kind` is one of `connect-failure`, `reset`, `per-try-timeout`, `timeout`;
+    `sent` says whether any byte of the request may have left.
+    """
+
+    def __init__(self, kind: str, *, sent: bool) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.sent = sent
