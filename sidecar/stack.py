@@ -142,6 +142,16 @@ class Reply:
             self.release = None
 
 
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+
+def safe_method(method: str) -> str:
+    """The method as telemetry may show it: a standard one, else OTHER."""
+    return method if method in KNOWN_METHODS else "OTHER"
+
+
 Handler = Callable[[Call], Awaitable[Reply]]
 Layer = Callable[[Call, Handler], Awaitable[Reply]]
 

@@ -17,7 +17,7 @@ class TaskGroup:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def start(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro, name=name)  # noqa: RUF006
+        task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._finished)
         return task
@@ -29,7 +29,8 @@ class TaskGroup:
                                                        "error": type(task.exception()).__name__})
 
     async def close(self) -> None:
-        tasks = list(self._tasks)
+        current = asyncio.current_task()
+        tasks = [task for task in self._tasks if task is not current]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,56 @@
+"""The audit layer: one hash-chained record per call decision, in both directions."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from sidecar.audit import AuditLog
+from sidecar.clock import SYSTEM_CLOCK, Clock
+from sidecar.stack import Call, Handler, Layer, Reply, safe_method
+
+# Answers that are this sidecar's own refusal of the call.
+DENIALS = frozenset({
+    "no_route", "token_missing", "token_invalid", "policy_denied", "circuit_open",
+    "bulkhead_full", "bad_request", "headers_too_large", "body_too_large",
+})
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def trace_id(call: Call) -> str:
+    """The call's trace id: from the tracing layers, else the incoming context, else new."""
+    known = call.notes.get("trace_id")
+    if known:
+        return str(known)
+    match = _TRACEPARENT.match(call.headers.get("traceparent", ""))
+    if match and match.group(1) != "0" * 32:
+        return match.group(1)
+    return os.urandom(16).hex()
+
+
+def record_decision(*, log: AuditLog, clock: Clock = SYSTEM_CLOCK) -> Layer:
+    """Outermost but for metrics: writes the record after the answer is known.
+
+    Records only templated routes, service names, codes and numbers: never a
+    raw path, query, header value or body.
+    """
+
+    async def record_decision_layer(call: Call, next: Handler) -> Reply:
+        reply = await next(call)
+        denied = reply.made_here and reply.reason in DENIALS
+        log.record(
+            direction=call.direction,
+            source=call.source,
+            target=call.target,
+            method=safe_method(call.method),
+            route=call.route,
+            status=reply.status,
+            decision="denied" if denied else "allowed",
+            reason=reply.reason,
+            duration_ms=(clock.monotonic() - call.started) * 1000,
+            attempts=call.attempts,
+            trace_id=trace_id(call),
+        )
+        return reply
+
+    return record_decision_layer

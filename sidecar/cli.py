@@ -1,0 +1,106 @@
+"""The `sidecar` command line (SPEC "Command line")."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from sidecar import config as config_loader
+from sidecar.identity import keys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sidecar", description="A PHI-safe mesh sidecar.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run the three listeners until SIGTERM")
+    run.add_argument("-c", "--config", help="config file (or SIDECAR_CONFIG)")
+
+    check = commands.add_parser("check", help="validate a config")
+    check.add_argument("-c", "--config", help="config file (or SIDECAR_CONFIG)")
+
+    keygen = commands.add_parser("keygen", help="make a service's key pair")
+    keygen.add_argument("--service", required=True)
+    keygen.add_argument("--out", required=True)
+    keygen.add_argument("--algorithm", default="EdDSA", choices=["EdDSA", "ES256", "RS256"])
+    keygen.add_argument("--force", action="store_true", help="replace existing key files")
+
+    jwks = commands.add_parser("jwks", help="merge *.jwks.json files into one JWKS")
+    jwks.add_argument("-o", "--out")
+    jwks.add_argument("dirs", nargs="+")
+
+    audit = commands.add_parser("audit", help="audit log tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True)
+    verify = audit_commands.add_parser("verify", help="check the audit hash chain")
+    verify.add_argument("file")
+    return parser
+
+
+def _config_path(value: str | None) -> str | None:
+    return value or os.environ.get("SIDECAR_CONFIG")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command in ("run", "check"):
+        path = _config_path(args.config)
+        if not path:
+            print("(file): no config given: use -c FILE or set SIDECAR_CONFIG", file=sys.stderr)
+            return 2
+        try:
+            config = config_loader.load(path)
+        except config_loader.ConfigError as exc:
+            for line in exc.errors:
+                print(line, file=sys.stderr)
+            return 2
+        if args.command == "check":
+            from sidecar.runtime import check_keys
+
+            problems = check_keys(config)
+            for line in problems:
+                print(line, file=sys.stderr)
+            if problems:
+                return 2
+            print(f"{path}: valid ({config.service}, {len(config.services)} services)")
+            return 0
+        from sidecar.server import run_forever
+
+        return run_forever(config)
+    if args.command == "keygen":
+        try:
+            pem, jwks_path = keys.generate(service=args.service, out_dir=args.out,
+                                           algorithm=args.algorithm, overwrite=args.force)
+        except (ValueError, FileExistsError, OSError) as exc:
+            print(f"sidecar keygen: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {pem} and {jwks_path}")
+        return 0
+    if args.command == "jwks":
+        try:
+            merged = keys.merge_jwks(args.dirs)
+        except (ValueError, OSError) as exc:
+            print(f"sidecar jwks: {exc}", file=sys.stderr)
+            return 2
+        text = json.dumps(merged, indent=2, sort_keys=True) + "\n"
+        if args.out:
+            Path(args.out).write_text(text, encoding="utf-8")
+        else:
+            sys.stdout.write(text)
+        return 0
+    if args.command == "audit":
+        from sidecar.audit import verify_file
+
+        ok, _line, message = verify_file(args.file)
+        if ok:
+            print(f"{args.file}: {message}")
+            return 0
+        print(f"{args.file}: broken: {message}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Where aiohttp meets the stacks: a request becomes a `Call`, a `Reply` a response.
+
+The edge owns what must hold for every answer whatever the stack did:
+hop-by-hop headers are removed both ways, a body over the limit is refused,
+and a reply whose body breaks mid-stream aborts the connection so a cut
+response never looks complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar.clock import SYSTEM_CLOCK, Clock
+from sidecar.headers import forwardable
+from sidecar.stack import Body, Call, Direction, Handler, Reply
+
+log = logging.getLogger("sidecar.edge")
+
+
+class BodyTooLarge(Exception):
+    """The request body passed `limits.max_request_body` while streaming."""
+
+
+def request_body(request: web.BaseRequest, limit: int) -> Body:
+    if not request.body_exists:
+        return Body.empty()
+    return Body(stream=_limited(request, limit), length=request.content_length)
+
+
+async def _limited(request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
+    seen = 0
+    async for chunk in request.content.iter_any():
+        seen += len(chunk)
+        if seen > limit:
+            raise BodyTooLarge
+        yield chunk
+
+
+def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
+            source: str = "anonymous", clock: Clock = SYSTEM_CLOCK) -> Call:
+    url = request.rel_url
+    call = Call(
+        direction=direction,
+        method=request.method,
+        path=url.raw_path,
+        query=url.raw_query_string,
+        headers=forwardable(request.headers, drop_sidecar=False),
+        body=request_body(request, body_limit),
+        source=source,
+        started=clock.monotonic(),
+    )
+    if request.message.url.is_absolute():
+        call.notes["absolute_host"] = request.message.url.raw_authority
+    return call
+
+
+async def write(request: web.BaseRequest, reply: Reply, *,
+                extra: Callable[[Reply, CIMultiDict[str]], None] | None = None,
+                close: bool = False) -> web.StreamResponse:
+    """Send `reply` to the client, streaming its body."""
+    headers = forwardable(reply.headers, drop_sidecar=False)
+    length = headers.popall("Content-Length", None)
+    if extra is not None:
+        extra(reply, headers)
+    response = web.StreamResponse(status=reply.status, headers=headers)
+    if isinstance(reply.body, bytes):
+        response.content_length = len(reply.body)
+    elif length and request.method != "HEAD":
+        response.content_length = int(length[0])
+    elif length:
+        response.headers["Content-Length"] = length[0]
+    if close:
+        response.force_close()
+    await response.prepare(request)
+    if isinstance(reply.body, bytes):
+        await response.write(reply.body)
+    else:
+        try:
+            async for chunk in reply.body:
+                await response.write(chunk)
+        except ConnectionResetError:
+            # The upstream broke off after the response began: abort so the
+            # client sees a cut connection, never a complete-looking answer.
+            if request.transport is not None:
+                request.transport.abort()
+            raise
+    await response.write_eof()
+    return response
+
+
+async def serve(request: web.BaseRequest, handler: Handler, direction: Direction, *,
+                body_limit: int, extra: Callable[[Call, Reply, CIMultiDict[str]], None],
+                closing: Callable[[], bool], source: str = "anonymous",
+                clock: Clock = SYSTEM_CLOCK) -> web.StreamResponse:
+    """Run one request through a stack and answer it."""
+    call = to_call(request, direction, body_limit=body_limit, source=source, clock=clock)
+    reply = await handler(call)
+    return await write(
+        request, reply,
+        extra=lambda reply, headers: extra(call, reply, headers),
+        close=closing() or reply.status == 400 or reply.status == 413,
+    )

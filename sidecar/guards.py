@@ -1,0 +1,89 @@
+"""Layers that turn limits and failures into the sidecar's own answers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from sidecar import problem
+from sidecar.edge import BodyTooLarge
+from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
+
+log = logging.getLogger("sidecar")
+
+
+def _too_large(limit: int) -> Reply:
+    return problem.reply(
+        "body_too_large",
+        f"The request body is larger than this sidecar's limit of {limit} bytes "
+        "(limits.max_request_body). Send a smaller body.",
+    )
+
+
+def check_body(*, max_request_body: int) -> Layer:
+    """Refuses a body over the limit with 413 `body_too_large`: at once when
+    Content-Length says so, or as soon as a streamed body passes it."""
+
+    async def check_body_layer(call: Call, next: Handler) -> Reply:
+        if call.body.length is not None and call.body.length > max_request_body:
+            return _too_large(max_request_body)
+        try:
+            return await next(call)
+        except BodyTooLarge:
+            return _too_large(max_request_body)
+        except UpstreamError as exc:
+            if isinstance(exc.__cause__, BodyTooLarge) or _caused_by_body(exc):
+                return _too_large(max_request_body)
+            raise
+
+    return check_body_layer
+
+
+def _caused_by_body(exc: BaseException) -> bool:
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        if isinstance(seen, BodyTooLarge):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def answer_failures(*, who: str) -> Layer:
+    """Turns an upstream failure that no inner layer answered into problem+json.
+
+    `who` names the upstream in `detail` ("the app" inbound, the service outbound).
+    """
+
+    async def answer_failures_layer(call: Call, next: Handler) -> Reply:
+        name = who or call.target
+        try:
+            return await next(call)
+        except UpstreamError as exc:
+            if _caused_by_body(exc):
+                raise
+            if exc.kind == "connect-failure":
+                return problem.reply(
+                    "upstream_connect_failure",
+                    f"No endpoint of {name} could be reached. Check that it is running "
+                    "and listening.",
+                )
+            if exc.kind in ("timeout", "per-try-timeout"):
+                return _timeout(name)
+            return problem.reply(
+                "upstream_reset",
+                f"{name} closed the connection before its response began.",
+            )
+        except TimeoutError:
+            return _timeout(name)
+        except asyncio.CancelledError:
+            raise
+
+    return answer_failures_layer
+
+
+def _timeout(name: str) -> Reply:
+    return problem.reply(
+        "upstream_timeout",
+        f"{name} did not answer within the call's time. Raise the service's `timeout` "
+        "or find why it is slow.",
+    )

@@ -1,0 +1,48 @@
+"""Header hygiene shared by both directions: hop-by-hop removal and sidecar-owned names."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 7.6.1 and the classic hop-by-hop set; every name listed in
+# `Connection` is removed as well.
+HOP_BY_HOP = frozenset({
+    "connection", "proxy-connection", "keep-alive", "te", "trailer", "transfer-encoding",
+    "upgrade", "proxy-authenticate", "proxy-authorization",
+})
+TOKEN = "x-service-token"
+SOURCE = "x-source-service"
+REASON = "x-sidecar-reason"
+ATTEMPTS = "x-sidecar-attempts"
+TIMEOUT_MS = "x-sidecar-timeout-ms"
+SIDECAR_PREFIX = "x-sidecar-"
+
+
+def forwardable(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str],
+    *,
+    drop: Iterable[str] = (),
+    drop_sidecar: bool = True,
+    keep: Iterable[str] = (),
+) -> CIMultiDict[str]:
+    """A copy of `headers` without hop-by-hop ones, without `drop`, and, unless
+    `drop_sidecar` is false, without any `x-sidecar-*` other than those in `keep`."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+        if token.strip()
+    }
+    dropped = HOP_BY_HOP | named | {d.lower() for d in drop}
+    kept = {k.lower() for k in keep}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in dropped:
+            continue
+        if drop_sidecar and lower.startswith(SIDECAR_PREFIX) and lower not in kept:
+            continue
+        out.add(name, value)
+    return out

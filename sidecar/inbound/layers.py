@@ -1,0 +1,54 @@
+"""Inbound-only layers: path normalisation and the hold on the app call."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar import problem
+from sidecar.clock import SYSTEM_CLOCK, Clock
+from sidecar.headers import TIMEOUT_MS
+from sidecar.paths import BadPath, RouteTable, normalise
+from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
+
+
+def normalise_path(*, routes: RouteTable) -> Layer:
+    """First inbound layer: the path the policy sees is the path the app gets.
+
+    Decodes unreserved escapes, collapses `//`, resolves `.` and `..`; then
+    sets `call.route`, the only form of the path telemetry sees. Refuses with
+    400 `bad_request` (and the connection is closed) for a `..` above the
+    root, an encoded slash or backslash, or a control character.
+    """
+
+    async def normalise_path_layer(call: Call, next: Handler) -> Reply:
+        try:
+            call.path = normalise(call.path)
+        except BadPath as exc:
+            call.route = "/{invalid}"
+            return problem.reply("bad_request", f"The request path is not acceptable: {exc}.")
+        call.route = routes.template(call.path)
+        return await next(call)
+
+    return normalise_path_layer
+
+
+def hold_deadline(*, timeout: float, clock: Clock = SYSTEM_CLOCK) -> Layer:
+    """Inbound: the calling sidecar's `x-sidecar-timeout-ms` bounds the app call.
+
+    It only shortens the service's own timeout; the header is not passed on
+    to the app. Expiry is answered by the failure layer as 504.
+    """
+
+    async def hold_deadline_layer(call: Call, next: Handler) -> Reply:
+        budget = timeout
+        for value in call.headers.popall(TIMEOUT_MS, []):
+            if value.isdigit():
+                budget = min(budget, int(value) / 1000)
+        call.deadline = clock.monotonic() + budget
+        try:
+            async with asyncio.timeout(budget):
+                return await next(call)
+        except TimeoutError:
+            raise UpstreamError("timeout", sent=True) from None
+
+    return hold_deadline_layer

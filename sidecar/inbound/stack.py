@@ -1,0 +1,37 @@
+"""The inbound stack: what happens to another sidecar's call before the app sees it.
+
+    caller's sidecar ==> :15006 [this stack] --127.0.0.1--> app
+"""
+
+from __future__ import annotations
+
+from sidecar import auditing, guards, transport
+from sidecar.identity.layers import authorize, verify_token
+from sidecar.inbound.layers import hold_deadline, normalise_path
+from sidecar.runtime_types import Shared, Wiring
+from sidecar.stack import Handler, compose
+
+
+def build(shared: Shared, wiring: Wiring) -> Handler:
+    config = wiring.config
+    app = config.inbound.app.rstrip("/")
+    return compose(
+        # Every decision is audited, refusals included; outermost to see the answer.
+        auditing.record_decision(log=shared.audit, clock=shared.clock),
+        # The path the policy judges is the path the app gets: normalise first.
+        normalise_path(routes=wiring.own_routes),
+        # A body over limits.max_request_body is refused before the app sees it.
+        guards.check_body(max_request_body=config.limits.max_request_body),
+        # Who is calling: a verified token, or 401. Sets x-source-service.
+        verify_token(service=config.service, verifier=wiring.verifier, policy=wiring.policy),
+        # May they: default deny when a policy is present, or 403.
+        authorize(policy=wiring.policy),
+        # App failures become problem+json (503 connect failure, 504, 502).
+        guards.answer_failures(who="the app"),
+        # The caller's x-sidecar-timeout-ms (what is left of its deadline) bounds the app call.
+        hold_deadline(timeout=config.defaults.timeout, clock=shared.clock),
+        terminal=transport.send_to(
+            shared.session, lambda call: app,
+            connect_timeout=lambda call: config.defaults.connect_timeout,
+        ),
+    )

@@ -1,0 +1,78 @@
+"""Names the target service of an app's call (SPEC "Addressing a service").
+
+The first rule that matches wins and no rule falls through to the next:
+absolute-form target, then a Host that names a service, then a Host that is
+the sidecar itself with the service as the first path segment. Anything else
+is 404 `no_route`, and nothing is dialled: the sidecar is never an open proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sidecar import problem
+from sidecar.paths import RouteTable
+from sidecar.settings import Service
+from sidecar.stack import Call, Handler, Layer, Reply
+
+ABSOLUTE_HOST = "absolute_host"
+GENERIC_ROUTES = RouteTable(())
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    service: Service
+    routes: RouteTable
+
+
+def host_name(authority: str) -> str:
+    """`billing-engine:8080` -> `billing-engine`; `[::1]:15001` -> `::1`."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1:].partition("]")[0]
+    if authority.count(":") == 1:
+        return authority.partition(":")[0]
+    return authority
+
+
+def resolve(call: Call, targets: Mapping[str, Target], local_hosts: frozenset[str]
+            ) -> tuple[Target | None, str]:
+    """The target of `call` and the path to send, or (None, path) when nothing matches."""
+    absolute = call.notes.get(ABSOLUTE_HOST)
+    if absolute is not None:
+        return targets.get(host_name(absolute)), call.path
+    host = host_name(call.headers.get("Host", ""))
+    if host in targets:
+        return targets[host], call.path
+    if host in local_hosts:
+        first, sep, rest = call.path.lstrip("/").partition("/")
+        target = targets.get(first.lower())
+        return target, "/" + rest if sep else "/"
+    return None, call.path
+
+
+def route(*, targets: Mapping[str, Target], local_hosts: frozenset[str]) -> Layer:
+    """Outermost routing layer: sets `call.target`, `call.route` and the service.
+
+    Refuses with 404 `no_route` when the call names no configured service.
+    """
+
+    async def route_layer(call: Call, next: Handler) -> Reply:
+        target, path = resolve(call, targets, local_hosts)
+        if target is None:
+            call.target = "unknown"
+            call.route = GENERIC_ROUTES.template(call.path)
+            return problem.reply(
+                "no_route",
+                "The call names no service this sidecar knows. Address a service listed "
+                "under `services` in the sidecar config: http://localhost:15001/<service>/...,"
+                " Host: <service>, or an absolute URL http://<service>/...",
+            )
+        call.target = target.service.name
+        call.path = path
+        call.route = target.routes.template(path)
+        call.notes["service"] = target.service
+        return await next(call)
+
+    return route_layer

@@ -1,0 +1,172 @@
+"""Request paths: normalising them, matching policy patterns, and templating them for telemetry.
+
+All three are pure. `normalise` runs before any policy check and its result is
+what the app receives; `RouteTable.template` is the only form of a path that
+spans, metrics, logs and the audit log ever see.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+
+_HEX = "0123456789ABCDEFabcdef"
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+# Characters RFC 3986 allows raw in a path besides the unreserved ones; anything
+# else that arrives raw is percent-encoded so one path has one spelling.
+_RAW_ALLOWED = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
+_SLASHES = frozenset((0x2F, 0x5C))
+
+# SPEC: a segment that may be an identifier becomes `{id}`; only these are kept.
+_SAFE_SEGMENT = re.compile(r"[a-z][a-z_-]{0,30}[0-9]?")
+_ID = "{id}"
+_PARAM = re.compile(r"\{[^{}/]+\}")
+
+
+class BadPath(ValueError):
+    """A path the sidecar refuses (400 `bad_request`).
+
+    The message names the broken rule, never the path: paths may hold identifiers.
+    """
+
+
+def _is_control(code: int) -> bool:
+    return code < 0x20 or code == 0x7F
+
+
+def _decode(raw_path: str) -> str:
+    """Decode unreserved escapes, upper-case the rest, encode stray raw characters."""
+    out: list[str] = []
+    i, n = 0, len(raw_path)
+    while i < n:
+        ch = raw_path[i]
+        if ch == "%":
+            pair = raw_path[i + 1 : i + 3]
+            if len(pair) != 2 or pair[0] not in _HEX or pair[1] not in _HEX:
+                raise BadPath("malformed percent-escape")
+            code = int(pair, 16)
+            if code in _SLASHES:
+                raise BadPath("encoded slash or backslash")
+            if _is_control(code):
+                raise BadPath("control character")
+            decoded = chr(code)
+            out.append(decoded if decoded in _UNRESERVED else "%" + pair.upper())
+            i += 3
+            continue
+        if ch == "\\":
+            raise BadPath("backslash")
+        if _is_control(ord(ch)):
+            raise BadPath("control character")
+        if ch in _RAW_ALLOWED:
+            out.append(ch)
+        else:
+            try:
+                encoded = ch.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                raise BadPath("invalid character") from None
+            out.append("".join(f"%{b:02X}" for b in encoded))
+        i += 1
+    return "".join(out)
+
+
+def normalise(raw_path: str) -> str:
+    """Return the one spelling of `raw_path` (no query) that policy and app both see.
+
+    Raises BadPath for a path that does not start with `/`, a `..` above the
+    root, an encoded slash or backslash, a raw backslash, a control character
+    (raw or encoded) or a malformed percent-escape.
+    """
+    if not raw_path.startswith("/"):
+        raise BadPath("path must start with /")
+    # Decoding first means `%2e%2e` is judged as the `..` it is.
+    segments = _decode(raw_path).split("/")[1:]
+    kept: list[str] = []
+    trailing = False
+    for segment in segments:
+        # A dot segment at the end leaves a directory behind it (RFC 3986 5.2.4).
+        trailing = segment in ("", ".", "..")
+        if segment == "..":
+            if not kept:
+                raise BadPath("'..' above the root")
+            kept.pop()
+        elif segment not in ("", "."):
+            kept.append(segment)
+    if not kept:
+        return "/"
+    return "/" + "/".join(kept) + ("/" if trailing else "")
+
+
+def matches(pattern: str, path: str) -> bool:
+    """True if a policy or public-path `pattern` covers the normalised `path`.
+
+    A pattern is exact, or ends in `/*` and then covers that path and everything
+    below it; `*` and `/*` cover every path.
+    """
+    if pattern in ("*", "/*"):
+        return True
+    if pattern.endswith("/*"):
+        prefix = pattern[:-2]
+        return path == prefix or path.startswith(prefix + "/")
+    return path == pattern
+
+
+def check_pattern(pattern: str) -> None:
+    """Raise ValueError unless `pattern` is a form `matches` understands."""
+    if pattern == "*":
+        return
+    if not pattern.startswith("/"):
+        raise ValueError("a path pattern must start with /")
+    if "*" in pattern[:-2] or (pattern.endswith("*") and not pattern.endswith("/*")):
+        raise ValueError("'*' is allowed only as a final '/*'")
+
+
+class RouteTable:
+    """Turns a path into its route template, so no identifier ever reaches telemetry.
+
+    Built once from templates like `/patients/{id}/coverage`: `{name}` stands
+    for exactly one non-empty segment, every other segment is literal. A path
+    that fits no template keeps only the segments that are template literals or
+    match SPEC's identifier rule; every other segment becomes `{id}`.
+    """
+
+    def __init__(self, templates: Iterable[str] = (), *, cache_size: int = 4096) -> None:
+        compiled: list[tuple[int, re.Pattern[str], str]] = []
+        literals: set[str] = set()
+        for template in templates:
+            if not template.startswith("/"):
+                raise ValueError("a route template must start with /")
+            parts: list[str] = []
+            for segment in template.split("/")[1:]:
+                if _PARAM.fullmatch(segment):
+                    parts.append("[^/]+")
+                elif "{" in segment or "}" in segment:
+                    raise ValueError("'{name}' must be a whole segment in a route template")
+                else:
+                    literals.add(segment)
+                    parts.append(re.escape(segment))
+            specificity = sum(1 for segment in template.split("/") if not _PARAM.fullmatch(segment))
+            compiled.append((specificity, re.compile("/" + "/".join(parts)), template))
+        # More literal segments win, so `/patients/search` beats `/patients/{id}`;
+        # among equals the order given decides (sort is stable).
+        compiled.sort(key=lambda entry: -entry[0])
+        self._templates = tuple((regex, template) for _, regex, template in compiled)
+        self._literals = frozenset(literals)
+        self._cached = lru_cache(maxsize=cache_size)(self._compute)
+
+    def template(self, path: str) -> str:
+        """The matching template, or `path` with every possibly identifying segment as `{id}`."""
+        return self._cached(path)
+
+    def _compute(self, path: str) -> str:
+        # A query never belongs in telemetry, even if a caller forgot to cut it.
+        path = path.split("?", 1)[0].split("#", 1)[0]
+        for regex, template in self._templates:
+            if regex.fullmatch(path):
+                return template
+        return "/".join(self._keep(segment) for segment in path.split("/"))
+
+    def _keep(self, segment: str) -> str:
+        if not segment or segment in self._literals or _SAFE_SEGMENT.fullmatch(segment):
+            return segment
+        return _ID

@@ -1,0 +1,64 @@
+"""Who may call what: the inbound authorization policy, as a pure decision.
+
+The inbound layers ask two questions, both of an already normalised path:
+`is_public` (may this be reached without a token?) and `allows` (may this
+verified service call this method on this path?).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sidecar.paths import check_pattern, matches
+from sidecar.settings import PolicyRule
+
+ANY = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    sources: frozenset[str]  # lowercase; contains "*" for every service
+    methods: frozenset[str] | None  # uppercase; None for every method
+    paths: tuple[str, ...] | None  # None for every path
+
+    def covers(self, source: str, method: str, path: str) -> bool:
+        if ANY not in self.sources and source not in self.sources:
+            return False
+        if self.methods is not None and method not in self.methods:
+            return False
+        return self.paths is None or any(matches(pattern, path) for pattern in self.paths)
+
+
+class Policy:
+    """The inbound policy: absent, any verified mesh service may call; present, default deny."""
+
+    def __init__(
+        self, *, rules: tuple[PolicyRule, ...] | None, public_paths: tuple[str, ...]
+    ) -> None:
+        for pattern in public_paths:
+            check_pattern(pattern)
+        self._public = tuple(public_paths)
+        self._rules = None if rules is None else tuple(_compile(rule) for rule in rules)
+
+    def is_public(self, path: str) -> bool:
+        """True if `path` is reachable without a token."""
+        return any(matches(pattern, path) for pattern in self._public)
+
+    def allows(self, source: str, method: str, path: str) -> bool:
+        """True if the verified service `source` may call `method` on `path`."""
+        if self._rules is None:
+            return True
+        source, method = source.lower(), method.upper()
+        return any(rule.covers(source, method, path) for rule in self._rules)
+
+
+def _compile(rule: PolicyRule) -> _Rule:
+    if not rule.sources:
+        raise ValueError("a policy rule needs at least one source")
+    for pattern in rule.paths or ():
+        check_pattern(pattern)
+    return _Rule(
+        sources=frozenset(source.lower() for source in rule.sources),
+        methods=None if rule.methods is None else frozenset(m.upper() for m in rule.methods),
+        paths=None if rule.paths is None else tuple(rule.paths),
+    )

@@ -1,0 +1,74 @@
+"""Builds the per-config wiring (keys, policy, routes) and checks key material."""
+
+from __future__ import annotations
+
+from sidecar.clock import Clock
+from sidecar.identity import keys
+from sidecar.identity.tokens import Minter, Verifier
+from sidecar.outbound.routing import Target
+from sidecar.paths import RouteTable
+from sidecar.policy import Policy
+from sidecar.runtime_types import Wiring
+from sidecar.settings import Config
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
+
+
+def load_identity(config: Config, clock: Clock) -> tuple[Minter, Verifier]:
+    """This service's minter and the mesh's verifier; raises KeyMaterialError/OSError."""
+    ident = config.identity
+    if ident.algorithm == keys.SECRET_ALGORITHM:
+        assert ident.secret_file is not None
+        secret = keys.load_secret(ident.secret_file)
+        minter = Minter(service=config.service, algorithm="HS256", key=secret,
+                        ttl=ident.token_ttl, trust_domain=config.trust_domain, clock=clock)
+        verifier = Verifier(service=config.service, secret=secret, max_ttl=ident.max_token_ttl,
+                            skew=ident.clock_skew, clock=clock)
+        return minter, verifier
+    assert ident.private_key_file is not None and ident.jwks_file is not None
+    private = keys.load_private_key(ident.private_key_file, ident.algorithm)
+    keyset = keys.load_keyset(ident.jwks_file)
+    minter = Minter(service=config.service, algorithm=ident.algorithm, key=private,
+                    ttl=ident.token_ttl, trust_domain=config.trust_domain, clock=clock)
+    verifier = Verifier(service=config.service, keys=keyset, max_ttl=ident.max_token_ttl,
+                        skew=ident.clock_skew, clock=clock)
+    return minter, verifier
+
+
+def check_keys(config: Config) -> list[str]:
+    """Key problems as `key.path: message` lines (for `sidecar check`)."""
+    from sidecar.clock import SYSTEM_CLOCK
+
+    try:
+        load_identity(config, SYSTEM_CLOCK)
+    except (ValueError, OSError) as exc:
+        return [f"identity: {exc}"]
+    problems = []
+    try:
+        Policy(rules=config.inbound.policy, public_paths=config.inbound.public_paths)
+    except ValueError as exc:
+        problems.append(f"inbound.policy: {exc}")
+    for name, service in config.services.items():
+        try:
+            RouteTable(service.routes)
+        except ValueError as exc:
+            problems.append(f"services.{name}.routes: {exc}")
+    return problems
+
+
+def wire(config: Config, clock: Clock) -> Wiring:
+    """Everything a config decides, built at once so a reload swaps it atomically."""
+    minter, verifier = load_identity(config, clock)
+    policy = Policy(rules=config.inbound.policy, public_paths=config.inbound.public_paths)
+    targets = {
+        name: Target(service=service, routes=RouteTable(service.routes))
+        for name, service in config.services.items()
+    }
+    own = config.services.get(config.service)
+    own_routes = RouteTable(own.routes if own is not None else ())
+    hosts = set(LOOPBACK_NAMES)
+    hosts.add(config.listen.outbound[0])
+    return Wiring(
+        config=config, minter=minter, verifier=verifier, policy=policy, targets=targets,
+        own_routes=own_routes, local_hosts=frozenset(h.lower() for h in hosts),
+    )

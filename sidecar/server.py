@@ -1,0 +1,259 @@
+"""The sidecar process: three listeners, the stacks behind them, drain and reload."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, replace
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar import config as config_loader
+from sidecar import edge, listener, transport
+from sidecar.admin import admin_app
+from sidecar.audit import AuditLog
+from sidecar.clock import SYSTEM_CLOCK, Clock
+from sidecar.headers import ATTEMPTS, REASON, SIDECAR_PREFIX
+from sidecar.inbound import stack as inbound_stack
+from sidecar.outbound import stack as outbound_stack
+from sidecar.resilience.breaker import Breakers
+from sidecar.resilience.budget import RetryBudgets
+from sidecar.runtime import wire
+from sidecar.runtime_types import Shared, Wiring
+from sidecar.settings import Config
+from sidecar.stack import Call, Handler, Reply
+from sidecar.tasks import TaskGroup
+
+log = logging.getLogger("sidecar")
+
+
+@dataclass(frozen=True, slots=True)
+class Stacks:
+    """The handlers of one config, swapped together on reload."""
+
+    wiring: Wiring
+    outbound: Handler
+    inbound: Handler
+
+
+class Sidecar:
+    """One sidecar: owns its listeners, its shared state and the current stacks."""
+
+    def __init__(self, config: Config, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        self.config = config
+        self.clock = clock
+        self.tasks = TaskGroup()
+        self.draining = False
+        self.listening = False
+        self.stopped = asyncio.Event()
+        self._runners: list[web.BaseRunner] = []
+        self._sites: dict[str, web.TCPSite] = {}
+        self._servers: dict[str, listener.GuardedServer] = {}
+        self.shared: Shared | None = None
+        self.stacks: Stacks | None = None
+
+    # -- start -------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        audit = AuditLog(config.audit.path, clock=self.clock)
+        await audit.start()
+        self.shared = Shared(
+            clock=self.clock,
+            session=transport.new_session(connect_timeout=config.defaults.connect_timeout),
+            audit=audit,
+            breakers=Breakers({n: s.policy.circuit_breaker for n, s in config.services.items()},
+                              self.clock,
+                              default=config.defaults.circuit_breaker,
+                              on_change=self._breaker_changed),
+            budgets=RetryBudgets({n: s.policy.retry.budget for n, s in config.services.items()},
+                                 self.clock, default=config.defaults.retry.budget),
+        )
+        self.stacks = self._build(config)
+        limits = config.limits
+        await self._listen("inbound", self._inbound, config.listen.inbound, limits)
+        await self._listen("outbound", self._outbound, config.listen.outbound, limits)
+        admin = web.AppRunner(admin_app(self), handle_signals=False, access_log=None,
+                              shutdown_timeout=1.0)
+        await admin.setup()
+        host, port = config.listen.admin
+        site = web.TCPSite(admin, host, port, reuse_address=True)
+        await site.start()
+        self._runners.append(admin)
+        self._sites["admin"] = site
+        self.listening = True
+        log.info("sidecar started", extra={
+            "service": config.service,
+            "listeners": {name: f"{h}:{p}" for name, (h, p) in self.addresses().items()},
+            "services": sorted(config.services),
+            "policy_rules": len(config.inbound.policy or ()),
+        })
+
+    def _build(self, config: Config) -> Stacks:
+        assert self.shared is not None
+        wiring = wire(config, self.clock)
+        return Stacks(
+            wiring=wiring,
+            outbound=outbound_stack.build(self.shared, wiring),
+            inbound=inbound_stack.build(self.shared, wiring),
+        )
+
+    async def _listen(self, name: str, handler: listener.RawHandler,
+                      address: tuple[str, int], limits: object) -> None:
+        from sidecar.settings import Limits
+
+        assert isinstance(limits, Limits)
+        runner, site, server = await listener.start(handler, address[0], address[1],
+                                                    limits=limits)
+        self._runners.append(runner)
+        self._sites[name] = site
+        self._servers[name] = server
+
+    def addresses(self) -> dict[str, tuple[str, int]]:
+        """The bound address of each listener (the real port when 0 was asked)."""
+        out = {}
+        for name, site in self._sites.items():
+            server = site._server
+            sockets = getattr(server, "sockets", None) or []
+            if sockets:
+                host, port = sockets[0].getsockname()[:2]
+                out[name] = (host, port)
+        return out
+
+    # -- state for the admin port ------------------------------------------------
+
+    def in_flight(self, service: str) -> int:
+        return 0
+
+    def endpoint_state(self, service: str) -> list[dict[str, object]]:
+        svc = self.config.services[service]
+        return [{"url": url, "healthy": True, "ejected": False} for url in svc.endpoints]
+
+    def render_metrics(self) -> tuple[bytes, str]:
+        return b"", "text/plain; version=0.0.4"
+
+    # -- the two data-path edges ---------------------------------------------
+
+    async def _outbound(self, request: web.BaseRequest) -> web.StreamResponse:
+        assert self.stacks is not None
+        return await edge.serve(
+            request, self.stacks.outbound, "outbound",
+            body_limit=self.config.limits.max_request_body,
+            extra=_outbound_headers, closing=lambda: False, source=self.config.service,
+            clock=self.clock,
+        )
+
+    async def _inbound(self, request: web.BaseRequest) -> web.StreamResponse:
+        assert self.stacks is not None
+        return await edge.serve(
+            request, self.stacks.inbound, "inbound",
+            body_limit=self.config.limits.max_request_body,
+            extra=_inbound_headers, closing=lambda: self.draining, clock=self.clock,
+        )
+
+    # -- state changes ---------------------------------------------------------
+
+    def _breaker_changed(self, service: str, old: str, new: str) -> None:
+        log.warning("circuit breaker changed", extra={"peer": service, "previous": old,
+                                                       "state": new})
+
+    def reload(self) -> bool:
+        """Re-read config, keys and JWKS; swap them in whole, or keep the old on error."""
+        path = self.config.source_file
+        if path is None:
+            return False
+        try:
+            new = config_loader.load(path)
+            if new.listen != self.config.listen:
+                log.warning("listen addresses changed in the config; they apply after a restart")
+                new = replace(new, listen=self.config.listen)
+            stacks = self._build(new)
+        except config_loader.ConfigError as exc:
+            log.error("config reload refused; the old config stays",
+                      extra={"problem": exc.errors})
+            return False
+        except (ValueError, OSError) as exc:
+            log.error("config reload refused; the old config stays",
+                      extra={"problem": [f"identity: {exc}"]})
+            return False
+        assert self.shared is not None
+        self.shared.breakers.reload({n: s.policy.circuit_breaker
+                                     for n, s in new.services.items()})
+        self.shared.budgets.reload({n: s.policy.retry.budget for n, s in new.services.items()})
+        self.config = new
+        self.stacks = stacks
+        log.info("config reloaded", extra={"services": sorted(new.services),
+                                           "policy_rules": len(new.inbound.policy or ())})
+        return True
+
+    async def drain(self) -> None:
+        """SIGTERM: stop taking inbound calls, finish those in flight, serve the app
+        until it has gone or drain_timeout passes."""
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining", extra={"timeout_s": self.config.drain_timeout})
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + self.config.drain_timeout
+        inbound_site = self._sites.get("inbound")
+        if inbound_site is not None and inbound_site._server is not None:
+            inbound_site._server.close()
+        inbound = self._servers.get("inbound")
+        if inbound is not None:
+            for protocol in list(inbound.connections):
+                protocol.close()
+        outbound = self._servers.get("outbound")
+        while loop.time() < ends:
+            busy_in = inbound is not None and inbound.connections
+            busy_out = outbound is not None and outbound.connections
+            if not busy_in and not busy_out:
+                break
+            await asyncio.sleep(0.05)
+        await self.close()
+
+    async def close(self) -> None:
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        if self.shared is not None:
+            await self.shared.session.close()
+            await self.shared.audit.close()
+        await self.tasks.close()
+        self.stopped.set()
+
+
+def _outbound_headers(call: Call, reply: Reply, headers: CIMultiDict[str]) -> None:
+    headers[ATTEMPTS] = str(call.attempts)
+    if reply.reason and REASON not in headers:
+        headers[REASON] = reply.reason
+
+
+def _inbound_headers(call: Call, reply: Reply, headers: CIMultiDict[str]) -> None:
+    # The app may not speak for the sidecar: only our own x-sidecar-* leave.
+    for name in [n for n in headers if n.lower().startswith(SIDECAR_PREFIX)]:
+        headers.popall(name)
+    if reply.made_here and reply.reason:
+        headers[REASON] = reply.reason
+
+
+async def serve(config: Config) -> int:
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM,
+                            lambda: sidecar.tasks.start("drain", sidecar.drain()))
+    loop.add_signal_handler(signal.SIGINT,
+                            lambda: sidecar.tasks.start("drain", sidecar.drain()))
+    loop.add_signal_handler(signal.SIGHUP, sidecar.reload)
+    await sidecar.stopped.wait()
+    log.info("stopped")
+    return 0
+
+
+def run_forever(config: Config) -> int:
+    from sidecar.telemetry.logs import setup_logging
+
+    setup_logging()
+    return asyncio.run(serve(config))

@@ -1,0 +1,95 @@
+"""The terminal handler: one HTTP exchange with an upstream over a pooled session.
+
+It never follows redirects, never decompresses, never adds headers of its own
+(no User-Agent, no Accept-Encoding), and maps every way a call can fail
+before the response begins onto `UpstreamError` for `classify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+from multidict import CIMultiDict
+
+from sidecar.headers import REASON, forwardable
+from sidecar.stack import Call, Handler, Reply, UpstreamError
+
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
+
+
+def new_session(*, connect_timeout: float = 1.0, idle: float = 30.0) -> aiohttp.ClientSession:
+    """One keep-alive pool per process, shared by every upstream.
+
+    `trust_env=False`: the app may set HTTP_PROXY to this very sidecar; the
+    sidecar itself must never go through a proxy. DNS answers are cached only
+    briefly so a changed address is picked up.
+    """
+    connector = aiohttp.TCPConnector(
+        limit=0, limit_per_host=0, keepalive_timeout=idle, ttl_dns_cache=5,
+        enable_cleanup_closed=True,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        trust_env=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
+        skip_auto_headers=SKIP_AUTO_HEADERS,
+    )
+
+
+async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
+                   connect_timeout: float) -> Reply:
+    """Send `call` to `base_url` and return the upstream's reply with its body streaming."""
+    headers = forwardable(call.headers, drop=("Host",), drop_sidecar=False)
+    body = None if call.body.is_empty else call.body.payload()
+    try:
+        response = await session.request(
+            call.method,
+            base_url + call.target_path,
+            headers=headers,
+            data=body,
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
+                                          connect=connect_timeout),
+        )
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamError("connect-failure", sent=False) from exc
+    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+            aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
+        raise UpstreamError("reset", sent=True) from exc
+    except aiohttp.ServerTimeoutError as exc:
+        raise UpstreamError("connect-failure", sent=False) from exc
+    reply_headers: CIMultiDict[str] = CIMultiDict(response.headers)
+    return Reply(
+        status=response.status,
+        headers=reply_headers,
+        body=_stream(response),
+        reason=reply_headers.get(REASON),
+        release=response.release,
+    )
+
+
+async def _stream(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """The upstream body; a break mid-body surfaces as ConnectionResetError."""
+    try:
+        async for chunk in response.content.iter_any():
+            yield chunk
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
+            asyncio.IncompleteReadError) as exc:
+        raise ConnectionResetError("upstream broke off mid-body") from exc
+    finally:
+        response.release()
+
+
+def send_to(session: aiohttp.ClientSession, base_url: Callable[[Call], str], *,
+            connect_timeout: Callable[[Call], float]) -> Handler:
+    """Terminal handler sending each call to the URL `base_url(call)` chooses."""
+
+    async def send(call: Call) -> Reply:
+        return await exchange(session, call, base_url(call),
+                              connect_timeout=connect_timeout(call))
+
+    return send

@@ -1,0 +1,45 @@
+"""Durations and sizes with units, as the config writes them (`250ms`, `64KiB`)."""
+
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_BYTES = {
+    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+    "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+}
+
+
+def parse_duration(text: object) -> float:
+    """`'250ms'` -> 0.25. A bare number is refused: the unit must be said."""
+    if not isinstance(text, str):
+        raise ValueError("must be a duration string with a unit, such as 250ms, 5s or 2m")
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError("must be a duration with a unit (ms, s, m, h), such as 250ms or 5s")
+    return float(match.group(1)) * _SECONDS[match.group(2)]
+
+
+def parse_size(text: object) -> int:
+    """`'64KiB'` -> 65536. A bare integer is taken as bytes."""
+    if isinstance(text, bool):
+        raise ValueError("must be a size such as 64KiB or 10MiB")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError("must not be negative")
+        return text
+    if not isinstance(text, str):
+        raise ValueError("must be a size such as 64KiB or 10MiB")
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError("must be a size with a unit (B, KiB, MiB, GiB), such as 64KiB")
+    return int(match.group(1)) * _BYTES[match.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    if seconds and seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"

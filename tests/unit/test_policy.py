@@ -1,0 +1,93 @@
+import pytest
+
+from sidecar.policy import Policy
+from sidecar.settings import PolicyRule
+
+SPEC_RULE = PolicyRule(
+    sources=("healthcare-api",), methods=("POST",), paths=("/claims", "/claims/*")
+)
+
+
+def test_no_policy_allows_any_verified_service() -> None:
+    policy = Policy(rules=None, public_paths=())
+    assert policy.allows("anyone", "DELETE", "/anything")
+
+
+def test_empty_policy_denies_everything() -> None:
+    policy = Policy(rules=(), public_paths=())
+    assert not policy.allows("healthcare-api", "GET", "/claims")
+
+
+@pytest.mark.parametrize(
+    ("source", "method", "path", "allowed"),
+    [
+        ("healthcare-api", "POST", "/claims", True),
+        ("healthcare-api", "POST", "/claims/7/lines", True),
+        ("healthcare-api", "post", "/claims/", True),
+        ("Healthcare-API", "POST", "/claims", True),
+        ("healthcare-api", "GET", "/claims", False),
+        ("healthcare-api", "POST", "/claimsx", False),
+        ("healthcare-api", "POST", "/admin", False),
+        ("billing-engine", "POST", "/claims", False),
+    ],
+)
+def test_spec_rule(source: str, method: str, path: str, allowed: bool) -> None:
+    policy = Policy(rules=(SPEC_RULE,), public_paths=())
+    assert policy.allows(source, method, path) is allowed
+
+
+def test_rule_sources_compare_case_insensitively() -> None:
+    policy = Policy(rules=(PolicyRule(sources=("Healthcare-API",)),), public_paths=())
+    assert policy.allows("healthcare-api", "GET", "/x")
+
+
+def test_rule_without_methods_or_paths_allows_all_of_them() -> None:
+    policy = Policy(rules=(PolicyRule(sources=("a",)),), public_paths=())
+    assert policy.allows("a", "PATCH", "/deep/path")
+    assert not policy.allows("b", "PATCH", "/deep/path")
+
+
+def test_rule_methods_are_upper_cased() -> None:
+    policy = Policy(rules=(PolicyRule(sources=("a",), methods=("get",)),), public_paths=())
+    assert policy.allows("a", "GET", "/")
+    assert not policy.allows("a", "POST", "/")
+
+
+def test_wildcard_source() -> None:
+    rules = (PolicyRule(sources=("*",), methods=("GET",), paths=("/status",)),)
+    policy = Policy(rules=rules, public_paths=())
+    assert policy.allows("whoever", "GET", "/status")
+    assert not policy.allows("whoever", "GET", "/claims")
+
+
+def test_any_matching_rule_allows() -> None:
+    rules = (SPEC_RULE, PolicyRule(sources=("billing-engine",), methods=("GET",)))
+    policy = Policy(rules=rules, public_paths=())
+    assert policy.allows("billing-engine", "GET", "/claims/1")
+    assert policy.allows("healthcare-api", "POST", "/claims/1")
+    assert not policy.allows("billing-engine", "POST", "/claims/1")
+
+
+def test_public_paths() -> None:
+    policy = Policy(rules=(), public_paths=("/health", "/docs/*"))
+    assert policy.is_public("/health")
+    assert policy.is_public("/docs")
+    assert policy.is_public("/docs/a/b")
+    assert not policy.is_public("/health/x")
+    assert not policy.is_public("/healthz")
+    assert not Policy(rules=None, public_paths=()).is_public("/health")
+
+
+@pytest.mark.parametrize(
+    ("rules", "public"),
+    [
+        ((PolicyRule(sources=()),), ()),
+        ((PolicyRule(sources=("a",), paths=("claims",)),), ()),
+        (None, ("/claims*",)),
+    ],
+)
+def test_bad_settings_are_rejected(
+    rules: tuple[PolicyRule, ...] | None, public: tuple[str, ...]
+) -> None:
+    with pytest.raises(ValueError):
+        Policy(rules=rules, public_paths=public)
