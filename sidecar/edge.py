@@ -15,7 +15,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.clock import SYSTEM_CLOCK, Clock
-from sidecar.headers import forwardable
+from sidecar.headers import TIMEOUT_MS, forwardable
 from sidecar.stack import Body, Call, Direction, Handler, Reply
 
 log = logging.getLogger("sidecar.edge")
@@ -48,7 +48,8 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
         method=request.method,
         path=url.raw_path,
         query=url.raw_query_string,
-        headers=forwardable(request.headers, drop_sidecar=False),
+        # Only the deadline header may come in; `baggage` never travels on.
+        headers=forwardable(request.headers, drop=("baggage",), keep=(TIMEOUT_MS,)),
         body=request_body(request, body_limit),
         source=source,
         started=clock.monotonic(),

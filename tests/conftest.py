@@ -1,0 +1,39 @@
+"""Shared fixtures: a temporary mesh of real sidecar processes, torn down after each test."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.mesh import Mesh
+from tests.support.upstream import Upstream
+
+
+@pytest.fixture
+async def make_mesh(tmp_path: Path) -> AsyncIterator[Callable[..., Mesh]]:
+    meshes: list[Mesh] = []
+
+    def build(services: list[str], **kwargs: object) -> Mesh:
+        mesh = Mesh(tmp_path, services, **kwargs)  # type: ignore[arg-type]
+        meshes.append(mesh)
+        return mesh
+
+    yield build
+    for mesh in meshes:
+        await mesh.stop()
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Callable[..., Upstream]]:
+    started: list[Upstream] = []
+
+    def make(**kwargs: object) -> Upstream:
+        upstream = Upstream(**kwargs)  # type: ignore[arg-type]
+        started.append(upstream)
+        return upstream
+
+    yield make
+    for upstream in started:
+        await upstream.stop()

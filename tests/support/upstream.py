@@ -1,0 +1,82 @@
+"""A programmable aiohttp upstream that counts and records what it receives."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+Script = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Upstream:
+    """An app on 127.0.0.1. By default it echoes what it saw as JSON.
+
+    `script` replaces the default answer; `seen` lists every request received.
+    """
+
+    port: int = 0
+    script: Script | None = None
+    seen: list[Seen] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append(Seen(request.method, request.path, request.query_string,
+                              {k.lower(): v for k, v in request.headers.items()}, body))
+        if self.script is not None:
+            return await self.script(request)
+        return web.json_response({
+            "method": request.method,
+            "path": request.raw_path,
+            "source": request.headers.get("x-source-service"),
+            "token": request.headers.get("x-service-token"),
+            "authorization": request.headers.get("Authorization"),
+            "traceparent": request.headers.get("traceparent"),
+            "body_length": len(body),
+        })
+
+    async def start(self) -> Upstream:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        await site.start()
+        if self.port == 0:
+            server = site._server
+            assert server is not None
+            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def paths(self) -> list[str]:
+        return [s.path for s in self.seen]
+
+
+async def slow(seconds: float, status: int = 200) -> Script:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(seconds)
+        return web.json_response({"slow": seconds}, status=status)
+
+    return answer
