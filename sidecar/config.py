@@ -76,6 +76,9 @@ def parse(
     errors = _Errors()
     env = os.environ if environ is None else environ
     raw = _substitute(raw, "", env, errors)
+    if errors.items:
+        # A missing variable would also fail the value's own check: report the cause only.
+        raise ConfigError(errors.items)
     if not isinstance(raw, dict):
         raise ConfigError(["(top): the config must be a mapping"])
     config = _Builder(errors, base_dir or Path.cwd()).config(raw)

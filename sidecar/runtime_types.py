@@ -9,11 +9,13 @@ import aiohttp
 from sidecar.audit import AuditLog
 from sidecar.clock import Clock
 from sidecar.identity.tokens import Minter, Verifier
+from sidecar.outbound.balancing import Pools
 from sidecar.outbound.routing import Target
 from sidecar.paths import RouteTable
 from sidecar.policy import Policy
 from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.budget import RetryBudgets
+from sidecar.resilience.bulkhead import Bulkheads
 from sidecar.settings import Config
 
 
@@ -26,6 +28,8 @@ class Shared:
     audit: AuditLog
     breakers: Breakers
     budgets: RetryBudgets
+    bulkheads: Bulkheads
+    pools: Pools
 
 
 @dataclass(frozen=True, slots=True)

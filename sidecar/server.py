@@ -18,8 +18,10 @@ from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.headers import ATTEMPTS, REASON, SIDECAR_PREFIX
 from sidecar.inbound import stack as inbound_stack
 from sidecar.outbound import stack as outbound_stack
+from sidecar.outbound.balancing import Pools
 from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.budget import RetryBudgets
+from sidecar.resilience.bulkhead import Bulkheads
 from sidecar.runtime import wire
 from sidecar.runtime_types import Shared, Wiring
 from sidecar.settings import Config
@@ -60,17 +62,18 @@ class Sidecar:
         config = self.config
         audit = AuditLog(config.audit.path, clock=self.clock)
         await audit.start()
+        session = transport.new_session(connect_timeout=config.defaults.connect_timeout)
         self.shared = Shared(
             clock=self.clock,
-            session=transport.new_session(connect_timeout=config.defaults.connect_timeout),
+            session=session,
             audit=audit,
-            breakers=Breakers({n: s.policy.circuit_breaker for n, s in config.services.items()},
-                              self.clock,
-                              default=config.defaults.circuit_breaker,
-                              on_change=self._breaker_changed),
-            budgets=RetryBudgets({n: s.policy.retry.budget for n, s in config.services.items()},
-                                 self.clock, default=config.defaults.retry.budget),
+            breakers=Breakers({}, self.clock, on_change=self._breaker_changed),
+            budgets=RetryBudgets({}, self.clock),
+            bulkheads=Bulkheads({}),
+            pools=Pools(clock=self.clock, tasks=self.tasks, session=session,
+                        on_eject=self._ejected),
         )
+        self._reload_state(config)
         self.stacks = self._build(config)
         limits = config.limits
         await self._listen("inbound", self._inbound, config.listen.inbound, limits)
@@ -125,11 +128,12 @@ class Sidecar:
     # -- state for the admin port ------------------------------------------------
 
     def in_flight(self, service: str) -> int:
-        return 0
+        assert self.shared is not None
+        return self.shared.bulkheads.for_service(service).in_flight
 
     def endpoint_state(self, service: str) -> list[dict[str, object]]:
-        svc = self.config.services[service]
-        return [{"url": url, "healthy": True, "ejected": False} for url in svc.endpoints]
+        assert self.shared is not None
+        return self.shared.pools.state(service)
 
     def render_metrics(self) -> tuple[bytes, str]:
         return b"", "text/plain; version=0.0.4"
@@ -155,6 +159,19 @@ class Sidecar:
 
     # -- state changes ---------------------------------------------------------
 
+    def _reload_state(self, config: Config) -> None:
+        """Per-service state follows the config; unchanged services keep theirs."""
+        assert self.shared is not None
+        services = config.services
+        self.shared.breakers.reload({n: s.policy.circuit_breaker for n, s in services.items()})
+        self.shared.budgets.reload({n: s.policy.retry.budget for n, s in services.items()})
+        self.shared.bulkheads.reload({n: s.policy.bulkhead for n, s in services.items()})
+        self.shared.pools.reload(services)
+
+    def _ejected(self, service: str, url: str, seconds: float) -> None:
+        log.warning("endpoint ejected", extra={"peer": service, "endpoint": url,
+                                               "duration_s": seconds})
+
     def _breaker_changed(self, service: str, old: str, new: str) -> None:
         log.warning("circuit breaker changed", extra={"peer": service, "previous": old,
                                                        "state": new})
@@ -178,10 +195,7 @@ class Sidecar:
             log.error("config reload refused; the old config stays",
                       extra={"problem": [f"identity: {exc}"]})
             return False
-        assert self.shared is not None
-        self.shared.breakers.reload({n: s.policy.circuit_breaker
-                                     for n, s in new.services.items()})
-        self.shared.budgets.reload({n: s.policy.retry.budget for n, s in new.services.items()})
+        self._reload_state(new)
         self.config = new
         self.stacks = stacks
         log.info("config reloaded", extra={"services": sorted(new.services),

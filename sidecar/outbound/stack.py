@@ -8,14 +8,16 @@ from __future__ import annotations
 from sidecar import auditing, guards, transport
 from sidecar.identity.layers import attach_token
 from sidecar.outbound import routing
-from sidecar.resilience import breaker, deadline, retry
+from sidecar.outbound.balancing import balance, chosen_endpoint
+from sidecar.resilience import breaker, bulkhead, deadline, retry
 from sidecar.runtime_types import Shared, Wiring
 from sidecar.stack import Handler, compose
 
 
 def build(shared: Shared, wiring: Wiring) -> Handler:
     config = wiring.config
-    policies = {name: service.policy for name, service in config.services.items()}
+    services = config.services
+    policies = {name: service.policy for name, service in services.items()}
     return compose(
         # Every app call is audited, routed or not; outermost so the record
         # sees the final answer, whoever made it.
@@ -26,25 +28,29 @@ def build(shared: Shared, wiring: Wiring) -> Handler:
         guards.check_body(max_request_body=config.limits.max_request_body),
         # Failures no inner layer answered become problem+json (503/502/504).
         guards.answer_failures(who=""),
-        # One budget for the whole call, retries and waits included.
+        # One budget for the whole call: queueing, every attempt and every delay.
         deadline.deadline(timeout={n: p.timeout for n, p in policies.items()},
                           clock=shared.clock),
-        # Retries: idempotent or keyed calls only, jittered, within deadline and budget.
+        # Per service; full -> 503 bulkhead_full at once. Outside retry so a
+        # retry keeps its slot instead of queueing again.
+        bulkhead.limit(bulkheads=shared.bulkheads, clock=shared.clock),
+        # Idempotent or keyed calls only, jittered, within the deadline and budget.
         retry.retry(policies={n: p.retry for n, p in policies.items()},
                     budgets=shared.budgets, clock=shared.clock),
         # Inside retry so every attempt counts toward opening the circuit.
         breaker.guard(breakers=shared.breakers),
-        # A fresh token for the target's audience on every attempt (cached).
+        # A token for the target's audience on every attempt (cached per audience).
         attach_token(minter=lambda: wiring.minter),
+        # Which endpoint this attempt goes to; its outcome feeds outlier ejection.
+        balance(pools=shared.pools),
         # Bounds one attempt and tells the far sidecar how long it has.
         deadline.per_attempt(
             per_try_timeout={n: p.retry.per_try_timeout for n, p in policies.items()},
-            in_mesh={n: s.mesh for n, s in config.services.items()},
+            in_mesh={n: s.mesh for n, s in services.items()},
             clock=shared.clock,
         ),
         terminal=transport.send_to(
-            shared.session,
-            lambda call: config.services[call.target].endpoints[0],
-            connect_timeout=lambda call: config.services[call.target].policy.connect_timeout,
+            shared.session, chosen_endpoint,
+            connect_timeout=lambda call: services[call.target].policy.connect_timeout,
         ),
     )

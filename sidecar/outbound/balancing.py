@@ -1,0 +1,90 @@
+"""Endpoint choice per attempt, and the outcome fed back for outlier detection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+
+import aiohttp
+
+from sidecar.clock import Clock
+from sidecar.resilience.classify import classify
+from sidecar.resilience.endpoints import Endpoints
+from sidecar.settings import Service
+from sidecar.stack import Call, Handler, Layer, Reply
+from sidecar.tasks import TaskGroup
+
+ENDPOINT = "endpoint"
+OnEject = Callable[[str, str, float], None]
+
+
+class Pools:
+    """An `Endpoints` per target service, kept across reloads that leave it unchanged.
+
+    Active health checks run as one named background task per service.
+    """
+
+    def __init__(self, *, clock: Clock, tasks: TaskGroup, session: aiohttp.ClientSession,
+                 on_eject: OnEject | None = None) -> None:
+        self._clock = clock
+        self._tasks = tasks
+        self._session = session
+        self._on_eject = on_eject
+        self._pools: dict[str, tuple[Service, Endpoints, asyncio.Task[None] | None]] = {}
+
+    def reload(self, services: Mapping[str, Service]) -> None:
+        kept = {}
+        for name, (service, pool, task) in self._pools.items():
+            if services.get(name) == service:
+                kept[name] = (service, pool, task)
+            elif task is not None:
+                task.cancel()
+        self._pools = kept
+        for name, service in services.items():
+            if name not in self._pools:
+                pool = Endpoints(service.endpoints, service.policy.outlier_detection,
+                                 service.policy.health_check, clock=self._clock,
+                                 service=name, on_eject=self._on_eject)
+                task = None
+                if service.policy.health_check is not None:
+                    task = self._tasks.start(f"health-check:{name}",
+                                             pool.probe_loop(self._session))
+                self._pools[name] = (service, pool, task)
+
+    def for_service(self, name: str) -> Endpoints:
+        return self._pools[name][1]
+
+    def state(self, name: str) -> list[dict[str, object]]:
+        held = self._pools.get(name)
+        return held[1].state() if held is not None else []
+
+
+def balance(*, pools: Pools) -> Layer:
+    """Per attempt: picks the endpoint (least in flight of two random choices)
+    and reports the attempt's outcome to it for outlier ejection.
+
+    Sits outside `per_attempt` so an attempt cut off by its timeout counts
+    against the endpoint; a cancelled attempt does not count.
+    """
+
+    async def balance_layer(call: Call, next: Handler) -> Reply:
+        endpoint = pools.for_service(call.target).pick()
+        call.notes[ENDPOINT] = endpoint.url
+        endpoint.start()
+        try:
+            reply = await next(call)
+        except asyncio.CancelledError:
+            endpoint.finish(None)
+            raise
+        except Exception as exc:
+            endpoint.finish(classify(exc))
+            raise
+        endpoint.finish(classify(reply))
+        return reply
+
+    return balance_layer
+
+
+def chosen_endpoint(call: Call) -> str:
+    """The URL `balance` chose for this attempt (for the terminal handler)."""
+    return str(call.notes[ENDPOINT])

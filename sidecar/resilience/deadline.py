@@ -1,0 +1,133 @@
+"""Time limits: one deadline for the whole call, and a bound on each attempt.
+
+`deadline` sits outside bulkhead and retry so that waiting for a slot, every
+attempt and every delay between attempts all spend the same budget.
+`per_attempt` sits innermost, next to the transport, so it bounds exactly one
+exchange and tells the far sidecar how long this attempt may take.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from sidecar import problem
+from sidecar.clock import Clock
+from sidecar.resilience import PerService, per_service
+from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
+
+TIMEOUT_HEADER = "x-sidecar-timeout-ms"
+
+
+def remaining(call: Call, clock: Clock) -> float | None:
+    """Seconds left before `call.deadline` (never negative), or None without a deadline."""
+    if call.deadline is None:
+        return None
+    return max(0.0, call.deadline - clock.monotonic())
+
+
+def asked_timeout(value: str | None) -> float | None:
+    """The app's `x-sidecar-timeout-ms` in seconds, or None when absent or not valid.
+
+    Only a positive whole number of milliseconds counts. `0` is ignored
+    rather than read as "no time at all": proxies that know this kind of
+    header read 0 as "no limit", and ignoring it keeps the configured limit.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 10:
+        return None
+    millis = int(value)
+    return millis / 1000 if millis > 0 else None
+
+
+def deadline(*, timeout: PerService[float], clock: Clock) -> Layer:
+    """Sets `call.deadline` and answers 504 `upstream_timeout` when it passes.
+
+    The limit is the target's `timeout`, shortened (never lengthened) by the
+    app's `x-sidecar-timeout-ms`, which is then removed: the far sidecar gets
+    the time left from `per_attempt` instead. Sits outside bulkhead and retry
+    so the limit covers queueing, every attempt and every delay. An inner
+    `UpstreamError("timeout")` (an attempt cut short by this same deadline)
+    gets the same answer.
+    """
+    timeout_for = per_service(timeout)
+    if isinstance(timeout, int | float) and timeout <= 0:
+        raise ValueError("timeout must be positive")
+
+    async def deadline_layer(call: Call, next: Handler) -> Reply:
+        limit = timeout_for(call.target)
+        asked = asked_timeout(call.headers.get(TIMEOUT_HEADER))
+        call.headers.popall(TIMEOUT_HEADER, None)
+        shortened = asked is not None and asked < limit
+        if asked is not None:
+            limit = min(limit, asked)
+        ends = clock.monotonic() + limit
+        call.deadline = ends if call.deadline is None else min(call.deadline, ends)
+        scope = asyncio.timeout(remaining(call, clock))
+        try:
+            async with scope:
+                return await next(call)
+        except TimeoutError:
+            if not scope.expired():
+                raise
+        except UpstreamError as exc:
+            if exc.kind != "timeout":
+                raise
+        return _timed_out(call.target, limit, shortened)
+
+    return deadline_layer
+
+
+def _timed_out(service: str, limit: float, shortened: bool) -> Reply:
+    # The app's own header value is request data and is never echoed.
+    if shortened:
+        why = "the time the caller allowed in x-sidecar-timeout-ms"
+    else:
+        why = f"its timeout of {round(limit * 1000)} ms"
+    return problem.reply(
+        "upstream_timeout",
+        f"The call to {service} did not complete within {why}, retries included. "
+        f"Raise `timeout` for {service} in the sidecar config, or find why it is slow.",
+    )
+
+
+def per_attempt(
+    *, per_try_timeout: PerService[float], clock: Clock, in_mesh: PerService[bool] = True
+) -> Layer:
+    """Bounds one attempt to `per_try_timeout` or the time left, whichever is less.
+
+    Sits innermost, just before the transport. When the bound passes it
+    raises `UpstreamError("per-try-timeout", sent=True)`, or
+    `UpstreamError("timeout", sent=True)` when the call's own deadline was
+    the tighter bound (so retry sees no time left and the deadline layer
+    answers 504). For mesh targets it sends the bound, in whole
+    milliseconds, as `x-sidecar-timeout-ms` so the far sidecar holds its
+    call to its app to it; services outside the mesh never see the header.
+    """
+    per_try_for = per_service(per_try_timeout)
+    mesh_for = per_service(in_mesh)
+
+    async def per_attempt_layer(call: Call, next: Handler) -> Reply:
+        bound = per_try_for(call.target)
+        left = remaining(call, clock)
+        by_deadline = left is not None and left <= bound
+        if left is not None and by_deadline:
+            bound = left
+        if bound <= 0:
+            raise UpstreamError("timeout", sent=False)
+        call.headers.popall(TIMEOUT_HEADER, None)
+        if mesh_for(call.target):
+            # Rounded down: the far side should give up a little before we do.
+            call.headers[TIMEOUT_HEADER] = str(max(1, int(bound * 1000)))
+        scope = asyncio.timeout(bound)
+        try:
+            async with scope:
+                return await next(call)
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            kind = "timeout" if by_deadline else "per-try-timeout"
+            raise UpstreamError(kind, sent=True) from None
+
+    return per_attempt_layer

@@ -1,0 +1,224 @@
+"""Prometheus metrics for the admin port's `/metrics` (SPEC "Admin port").
+
+Exactly six families, on a registry of this process's own (never the
+global one), next to the process, platform and GC collectors:
+
+    sidecar_requests_total{direction,peer,method,code,reason}
+    sidecar_request_duration_seconds{direction,peer}        histogram
+    sidecar_retries_total{peer}
+    sidecar_circuit_state{peer,state}                        1 for the current state
+    sidecar_in_flight{direction,peer}
+    sidecar_outlier_ejections_total{peer}
+
+Every label value comes from a closed set, so nothing a caller sends can
+become a label: `method` is a standard method or OTHER, `reason` one of
+SPEC's codes or "", `code` a status; `peer` is a configured service (else
+"unknown") outbound, and the verified caller (else "anonymous") inbound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from sidecar.clock import Clock
+from sidecar.stack import Call, Direction, Handler, Layer, Reply, UpstreamError, safe_method
+from sidecar.telemetry import known_reason
+
+DIRECTIONS = ("outbound", "inbound")
+BREAKER_STATES = ("closed", "open", "half-open")
+UNKNOWN = "unknown"
+ANONYMOUS = "anonymous"
+# From a sidecar's own overhead (~1 ms) to the longest sensible call timeout.
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_SERVICE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+
+# What a failure that escapes the stack would have been answered with (SPEC's table).
+_UPSTREAM_ANSWERS = {
+    "connect-failure": ("503", "upstream_connect_failure"),
+    "reset": ("502", "upstream_reset"),
+    "timeout": ("504", "upstream_timeout"),
+    "per-try-timeout": ("504", "upstream_timeout"),
+}
+NO_ANSWER = "0"  # the caller went away before any answer was sent
+
+
+class Metrics:
+    """The six families on a registry of their own; `peers` are the configured services."""
+
+    def __init__(self, *, peers: Iterable[str] = ()) -> None:
+        # SPEC names exactly six families; the `*_created` series would add four.
+        # prometheus-client only offers this switch process-wide.
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.requests = Counter(
+            "sidecar_requests",
+            "Calls answered, by direction, peer, method, status and reason.",
+            ["direction", "peer", "method", "code", "reason"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "sidecar_request_duration_seconds",
+            "Time to answer a call, retries included.",
+            ["direction", "peer"],
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "sidecar_retries",
+            "Attempts after the first, per target service.",
+            ["peer"],
+            registry=self.registry,
+        )
+        self.circuit = Gauge(
+            "sidecar_circuit_state",
+            "1 for the breaker's current state, 0 for the others.",
+            ["peer", "state"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "sidecar_in_flight",
+            "Calls being handled now.",
+            ["direction", "peer"],
+            registry=self.registry,
+        )
+        self.ejections = Counter(
+            "sidecar_outlier_ejections",
+            "Endpoints ejected by outlier detection.",
+            ["peer"],
+            registry=self.registry,
+        )
+        self._peers: frozenset[str] = frozenset()
+        self.set_peers(peers)
+
+    def set_peers(self, names: Iterable[str]) -> None:
+        """The configured services (at start and on reload); a new one starts `closed`."""
+        peers = frozenset(name.lower() for name in names)
+        for peer in sorted(peers - self._peers):
+            self.breaker_changed(peer, "closed")
+        self._peers = peers
+
+    def peer(self, call: Call) -> str:
+        """The `peer` label: the configured target outbound, the verified caller inbound."""
+        if call.direction == "outbound":
+            target = call.target.lower()
+            return target if target in self._peers else UNKNOWN
+        source = call.source.lower()
+        if source == ANONYMOUS or not _SERVICE_NAME.match(source):
+            return ANONYMOUS
+        return source
+
+    def answered(
+        self, direction: Direction, peer: str, method: str, code: str, reason: str, seconds: float
+    ) -> None:
+        self.requests.labels(direction, peer, safe_method(method), code, reason).inc()
+        self.duration.labels(direction, peer).observe(max(0.0, seconds))
+
+    def breaker_changed(self, peer: str, state: str) -> None:
+        """Set `sidecar_circuit_state`: 1 for `state`, 0 for the other two."""
+        if state not in BREAKER_STATES:
+            raise ValueError(f"breaker state must be one of {', '.join(BREAKER_STATES)}")
+        for name in BREAKER_STATES:
+            self.circuit.labels(peer.lower(), name).set(1 if name == state else 0)
+
+    def ejected(self, peer: str) -> None:
+        self.ejections.labels(peer.lower()).inc()
+
+    def retried(self, peer: str, n: int = 1) -> None:
+        if n < 0:
+            raise ValueError("a retry count cannot be negative")
+        self.retries.labels(peer.lower()).inc(n)
+
+    def render(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type, for `GET /metrics`."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def observe(*, metrics: Metrics, direction: Direction, clock: Clock) -> Layer:
+    """Counts every answer and its duration: `sidecar_requests_total` and the histogram.
+
+    Sits outermost (just inside the audit), so refusals (`no_route`,
+    `token_invalid`, `circuit_open`, ...) are counted too; labels are read
+    when the answer is known, after routing and the token check have named
+    the peer. A failure that escapes the stack is counted as the answer SPEC
+    gives it (an upstream timeout as 504, ...), a caller that went away with
+    code "0". Refuses nothing.
+    """
+    _check_direction(direction)
+
+    async def observe_layer(call: Call, next: Handler) -> Reply:
+        started = clock.monotonic()
+        try:
+            reply = await next(call)
+        except BaseException as exc:
+            code, reason = _escaped(exc)
+            metrics.answered(
+                direction,
+                metrics.peer(call),
+                call.method,
+                code,
+                reason,
+                clock.monotonic() - started,
+            )
+            raise
+        metrics.answered(
+            direction,
+            metrics.peer(call),
+            call.method,
+            str(reply.status),
+            known_reason(reply.reason) or "",
+            clock.monotonic() - started,
+        )
+        return reply
+
+    return observe_layer
+
+
+def track_in_flight(*, metrics: Metrics, direction: Direction) -> Layer:
+    """`sidecar_in_flight`: calls in progress, per direction and peer.
+
+    Its own layer because the peer must be known when the call enters: place
+    it after routing outbound and after the token check inbound (before that
+    every inbound caller is `anonymous`). Refuses nothing.
+    """
+    _check_direction(direction)
+
+    async def track_in_flight_layer(call: Call, next: Handler) -> Reply:
+        gauge = metrics.in_flight.labels(direction, metrics.peer(call))
+        gauge.inc()
+        try:
+            return await next(call)
+        finally:
+            gauge.dec()
+
+    return track_in_flight_layer
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}")
+
+
+def _escaped(exc: BaseException) -> tuple[str, str]:
+    if isinstance(exc, UpstreamError) and exc.kind in _UPSTREAM_ANSWERS:
+        return _UPSTREAM_ANSWERS[exc.kind]
+    if isinstance(exc, asyncio.CancelledError):
+        return NO_ANSWER, ""
+    return "500", ""

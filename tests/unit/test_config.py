@@ -1,0 +1,204 @@
+"""Config loading: the typed tree, units, ${VAR}, inheritance, and errors with key paths."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sidecar import config
+from sidecar.identity import keys
+from sidecar.units import parse_duration, parse_size
+
+SPEC_EXAMPLE = """
+service: billing-engine
+trust_domain: intelluxe.local
+listen: {outbound: 127.0.0.1:15001, inbound: 0.0.0.0:15006, admin: 127.0.0.1:15000}
+drain_timeout: 10s
+identity:
+  algorithm: EdDSA
+  private_key_file: KEYS/billing-engine.pem
+  jwks_file: KEYS/jwks.json
+  token_ttl: 60s
+  max_token_ttl: 300s
+  clock_skew: 30s
+inbound:
+  app: http://127.0.0.1:8000
+  app_health_path: /health
+  public_paths: [/health]
+  policy:
+    - from: [healthcare-api]
+      methods: [POST]
+      paths: [/claims, "/claims/*"]
+limits:
+  max_header_line: 8KiB
+  max_headers: 100
+  max_request_body: 10MiB
+  header_timeout: 10s
+  idle_timeout: 60s
+defaults:
+  timeout: 10s
+  connect_timeout: 1s
+  retry:
+    attempts: 3
+    per_try_timeout: 3s
+    backoff: {base: 25ms, max: 1s}
+    retry_on: [connect-failure, reset, per-try-timeout, 502, 503, 504]
+    idempotent_methods: [GET, HEAD, OPTIONS, PUT, DELETE]
+    budget: {ratio: 0.2, min_per_second: 10, window: 10s}
+    max_body: 64KiB
+  circuit_breaker: {failure_threshold: 5, recovery_timeout: 30s, half_open_max_calls: 1}
+  bulkhead: {max_concurrent: 100, max_pending: 100}
+  outlier_detection: {consecutive_failures: 5, base_ejection: 30s, max_ejected_percent: 50}
+  health_check: null
+services:
+  insurance-verification:
+    endpoints: [http://insurance-verification:15006]
+    routes: ["/patients/{id}/coverage"]
+  compliance-monitor:
+    endpoints: [http://compliance-monitor-1:15006, http://compliance-monitor-2:15006]
+    timeout: 2s
+  payer-gateway:
+    endpoints: [https://payer.example.com]
+    mesh: false
+tracing:
+  exporter: otlp
+  protocol: http/protobuf
+  endpoint: http://jaeger:4318
+  sample_ratio: 1.0
+audit:
+  path: /var/log/sidecar/audit.jsonl
+"""
+
+
+@pytest.fixture
+def key_dir(tmp_path: Path) -> Path:
+    keys.generate(service="billing-engine", out_dir=tmp_path)
+    (tmp_path / "jwks.json").write_text(
+        __import__("json").dumps(keys.merge_jwks([tmp_path]))
+    )
+    return tmp_path
+
+
+def write(tmp_path: Path, text: str, key_dir: Path) -> Path:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text.replace("KEYS", str(key_dir)))
+    return path
+
+
+def test_spec_example_loads_into_the_typed_tree(tmp_path: Path, key_dir: Path) -> None:
+    cfg = config.load(write(tmp_path, SPEC_EXAMPLE, key_dir))
+    assert cfg.service == "billing-engine"
+    assert cfg.listen.inbound == ("0.0.0.0", 15006)
+    assert cfg.limits.max_request_body == 10 * 1024 * 1024
+    assert cfg.defaults.retry.backoff.base == pytest.approx(0.025)
+    assert cfg.inbound.policy is not None
+    assert cfg.inbound.policy[0].sources == ("healthcare-api",)
+    compliance = cfg.services["compliance-monitor"]
+    assert compliance.policy.timeout == 2.0
+    assert compliance.policy.retry.attempts == 3  # inherited from defaults
+    assert cfg.services["payer-gateway"].mesh is False
+    assert cfg.services["insurance-verification"].routes == ("/patients/{id}/coverage",)
+
+
+def test_service_overrides_any_part_of_defaults(tmp_path: Path, key_dir: Path) -> None:
+    doc = yaml.safe_load(SPEC_EXAMPLE.replace("KEYS", str(key_dir)))
+    doc["services"]["compliance-monitor"]["retry"] = {"attempts": 1}
+    doc["services"]["compliance-monitor"]["bulkhead"] = {"max_pending": 0}
+    cfg = config.parse(doc)
+    retry = cfg.services["compliance-monitor"].policy.retry
+    assert retry.attempts == 1
+    assert retry.per_try_timeout == 3.0  # the rest of retry still comes from defaults
+    assert cfg.services["compliance-monitor"].policy.bulkhead.max_pending == 0
+    assert cfg.services["compliance-monitor"].policy.bulkhead.max_concurrent == 100
+
+
+def test_every_error_is_reported_with_its_key_path(tmp_path: Path, key_dir: Path) -> None:
+    doc = yaml.safe_load(SPEC_EXAMPLE.replace("KEYS", str(key_dir)))
+    doc["limits"]["max_headres"] = 10
+    doc["defaults"]["retry"]["attempts"] = 0
+    doc["defaults"]["timeout"] = 10
+    doc["services"]["compliance-monitor"]["endpoints"] = ["ftp://x"]
+    doc["inbound"]["policy"][0]["methods"] = ["FETCH"]
+    doc["identity"]["jwks_file"] = "/nonexistent/jwks.json"
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(doc)
+    errors = "\n".join(caught.value.errors)
+    assert "limits.max_headres: unknown key" in errors
+    assert "defaults.retry.attempts:" in errors
+    assert "defaults.timeout:" in errors
+    assert "services.compliance-monitor.endpoints:" in errors
+    assert "inbound.policy[0].methods:" in errors
+    assert "identity.jwks_file: file not found" in errors
+    assert len(caught.value.errors) >= 6
+
+
+def test_env_substitution_and_literal_dollar(tmp_path: Path, key_dir: Path) -> None:
+    text = SPEC_EXAMPLE.replace("service: billing-engine", "service: ${SVC}").replace(
+        "audit:\n  path: /var/log/sidecar/audit.jsonl", "audit:\n  path: /tmp/$${HOME}/a"
+    )
+    cfg = config.load(write(tmp_path, text, key_dir), environ={"SVC": "billing-engine"})
+    assert cfg.service == "billing-engine"
+    assert cfg.audit.path == "/tmp/${HOME}/a"
+    with pytest.raises(config.ConfigError) as caught:
+        config.load(write(tmp_path, text, key_dir), environ={})
+    assert caught.value.errors == ["service: environment variable SVC is not set"]
+
+
+def test_hs256_takes_a_secret_instead_of_keys(tmp_path: Path) -> None:
+    secret = tmp_path / "mesh.secret"
+    secret.write_text("s" * 40)
+    cfg = config.parse({"service": "a", "identity": {"algorithm": "HS256",
+                                                     "secret_file": str(secret)}})
+    assert cfg.identity.secret_file == str(secret)
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse({"service": "a", "identity": {"algorithm": "HS256",
+                                                   "jwks_file": str(secret)}})
+    joined = "\n".join(caught.value.errors)
+    assert "identity.secret_file: is required with HS256" in joined
+    assert "identity.jwks_file:" in joined
+
+
+def test_units() -> None:
+    assert parse_duration("250ms") == 0.25
+    assert parse_duration("2m") == 120
+    assert parse_size("64KiB") == 65536
+    for bad in ("10", "5 parsecs", 10):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    with pytest.raises(ValueError):
+        parse_size("12XB")
+
+
+def test_app_must_be_on_loopback(tmp_path: Path, key_dir: Path) -> None:
+    doc = yaml.safe_load(SPEC_EXAMPLE.replace("KEYS", str(key_dir)))
+    doc["inbound"]["app"] = "http://10.1.2.3:8000"
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(doc)
+    assert caught.value.errors[0].startswith("inbound.app:")
+
+
+def test_redacted_config_hides_key_files(tmp_path: Path, key_dir: Path) -> None:
+    cfg = config.load(write(tmp_path, SPEC_EXAMPLE, key_dir))
+    doc = config.redacted(cfg)
+    assert doc["identity"]["private_key_file"] == "[redacted]"
+    assert doc["services"]["compliance-monitor"]["policy"]["timeout"] == 2.0
+
+
+def test_check_command_exit_codes(tmp_path: Path, key_dir: Path) -> None:
+    good = write(tmp_path, SPEC_EXAMPLE, key_dir)
+    ok = subprocess.run([sys.executable, "-m", "sidecar", "check", "-c", str(good)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SPEC_EXAMPLE.replace("KEYS", str(key_dir)).replace(
+        "max_headers: 100", "max_headers: many\n  surprise: 1"))
+    result = subprocess.run([sys.executable, "-m", "sidecar", "check", "-c", str(bad)],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert "limits.max_headers: must be a whole number" in lines
+    assert "limits.surprise: unknown key" in lines

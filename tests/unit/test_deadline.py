@@ -1,0 +1,276 @@
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from multidict import CIMultiDict
+
+from sidecar.clock import FakeClock
+from sidecar.resilience.deadline import (
+    TIMEOUT_HEADER,
+    asked_timeout,
+    deadline,
+    per_attempt,
+    remaining,
+)
+from sidecar.stack import Body, Call, Reply, UpstreamError
+
+
+def make_call(**headers: str) -> Call:
+    return Call(
+        direction="outbound",
+        method="GET",
+        path="/claims",
+        query="",
+        headers=CIMultiDict(headers),
+        body=Body.empty(),
+        target="billing",
+    )
+
+
+def ok() -> Reply:
+    return Reply(status=200, headers=CIMultiDict())
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def loop_on(clock: FakeClock) -> AsyncIterator[FakeClock]:
+    """Runs the event loop's timers on the fake clock, so timeouts fire without waiting."""
+    loop = asyncio.get_running_loop()
+    real_time = loop.time
+    loop.time = clock.monotonic  # type: ignore[method-assign]
+    try:
+        yield clock
+    finally:
+        loop.time = real_time  # type: ignore[method-assign]
+
+
+async def hang_after(clock: FakeClock, seconds: float) -> None:
+    clock.advance(seconds)
+    await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        ("250", 0.25),
+        (" 1000 ", 1.0),
+        ("0", None),
+        ("-5", None),
+        ("1.5", None),
+        ("abc", None),
+        ("", None),
+        ("٣", None),
+        (None, None),
+    ],
+)
+def test_asked_timeout_parses_positive_millis_only(
+    value: str | None, seconds: float | None
+) -> None:
+    assert asked_timeout(value) == seconds
+
+
+def test_remaining(clock: FakeClock) -> None:
+    call = make_call()
+    assert remaining(call, clock) is None
+    call.deadline = clock.now + 2
+    assert remaining(call, clock) == 2
+    clock.advance(5)
+    assert remaining(call, clock) == 0
+
+
+async def test_deadline_is_now_plus_timeout(clock: FakeClock) -> None:
+    seen: list[float | None] = []
+
+    async def next(call: Call) -> Reply:
+        seen.append(call.deadline)
+        return ok()
+
+    layer = deadline(timeout=10.0, clock=clock)
+    await layer(make_call(), next)
+    assert seen == [clock.now + 10.0]
+
+
+async def test_header_shortens_and_is_removed(clock: FakeClock) -> None:
+    seen: list[Call] = []
+
+    async def next(call: Call) -> Reply:
+        seen.append(call)
+        return ok()
+
+    layer = deadline(timeout=10.0, clock=clock)
+    await layer(make_call(**{TIMEOUT_HEADER: "1500"}), next)
+    assert seen[0].deadline == clock.now + 1.5
+    assert TIMEOUT_HEADER not in seen[0].headers
+
+
+async def test_header_never_lengthens(clock: FakeClock) -> None:
+    seen: list[float | None] = []
+
+    async def next(call: Call) -> Reply:
+        seen.append(call.deadline)
+        return ok()
+
+    layer = deadline(timeout={"billing": 2.0}, clock=clock)
+    call = make_call(**{TIMEOUT_HEADER: "60000"})
+    await layer(call, next)
+    assert seen == [clock.now + 2.0]
+    assert TIMEOUT_HEADER not in call.headers
+
+
+async def test_invalid_header_is_ignored_and_removed(clock: FakeClock) -> None:
+    layer = deadline(timeout=3.0, clock=clock)
+    call = make_call(**{TIMEOUT_HEADER: "soon"})
+
+    async def next(call: Call) -> Reply:
+        return ok()
+
+    await layer(call, next)
+    assert call.deadline == clock.now + 3.0
+    assert TIMEOUT_HEADER not in call.headers
+
+
+async def test_overrun_answers_504(loop_on: FakeClock) -> None:
+    clock = loop_on
+    layer = deadline(timeout=2.0, clock=clock)
+
+    async def slow(call: Call) -> Reply:
+        await hang_after(clock, 2.5)
+        return ok()
+
+    reply = await layer(make_call(), slow)
+    assert reply.status == 504
+    assert reply.reason == "upstream_timeout"
+    assert reply.made_here
+    assert b"2000 ms" in reply.body  # type: ignore[operator]
+
+
+async def test_overrun_detail_does_not_echo_the_header(loop_on: FakeClock) -> None:
+    clock = loop_on
+    layer = deadline(timeout=5.0, clock=clock)
+
+    async def slow(call: Call) -> Reply:
+        await hang_after(clock, 1)
+        return ok()
+
+    reply = await layer(make_call(**{TIMEOUT_HEADER: "777"}), slow)
+    assert reply.status == 504
+    assert b"777" not in reply.body  # type: ignore[operator]
+
+
+async def test_inner_timeout_error_becomes_504(clock: FakeClock) -> None:
+    async def next(call: Call) -> Reply:
+        raise UpstreamError("timeout", sent=True)
+
+    reply = await deadline(timeout=1.0, clock=clock)(make_call(), next)
+    assert reply.status == 504
+
+
+async def test_other_errors_pass_through(clock: FakeClock) -> None:
+    async def next(call: Call) -> Reply:
+        raise UpstreamError("reset", sent=True)
+
+    with pytest.raises(UpstreamError):
+        await deadline(timeout=1.0, clock=clock)(make_call(), next)
+
+    async def foreign_timeout(call: Call) -> Reply:
+        raise TimeoutError  # not ours: must not be mistaken for the deadline
+
+    with pytest.raises(TimeoutError):
+        await deadline(timeout=1.0, clock=clock)(make_call(), foreign_timeout)
+
+
+def test_deadline_rejects_nonpositive_timeout(clock: FakeClock) -> None:
+    with pytest.raises(ValueError):
+        deadline(timeout=0.0, clock=clock)
+
+
+async def test_per_attempt_sends_time_left_to_far_sidecar(clock: FakeClock) -> None:
+    sent: list[str] = []
+
+    async def next(call: Call) -> Reply:
+        sent.append(call.headers[TIMEOUT_HEADER])
+        return ok()
+
+    layer = per_attempt(per_try_timeout=3.0, clock=clock)
+    call = make_call()
+    call.deadline = clock.now + 10
+    await layer(call, next)
+    call.deadline = clock.now + 1.2345
+    await layer(call, next)
+    assert sent == ["3000", "1234"]
+    assert call.headers.getall(TIMEOUT_HEADER) == ["1234"]  # replaced, not added
+
+
+async def test_per_attempt_outside_mesh_sends_no_header(clock: FakeClock) -> None:
+    async def next(call: Call) -> Reply:
+        assert TIMEOUT_HEADER not in call.headers
+        return ok()
+
+    layer = per_attempt(per_try_timeout=3.0, clock=clock, in_mesh={"billing": False})
+    assert (await layer(make_call(), next)).status == 200
+
+
+async def test_per_attempt_expiry_is_per_try_timeout(loop_on: FakeClock) -> None:
+    clock = loop_on
+    layer = per_attempt(per_try_timeout=1.0, clock=clock)
+    call = make_call()
+    call.deadline = clock.now + 10
+
+    async def slow(call: Call) -> Reply:
+        await hang_after(clock, 1.5)
+        return ok()
+
+    with pytest.raises(UpstreamError) as caught:
+        await layer(call, slow)
+    assert caught.value.kind == "per-try-timeout"
+    assert caught.value.sent
+
+
+async def test_per_attempt_expiry_on_deadline_is_timeout(loop_on: FakeClock) -> None:
+    clock = loop_on
+    layer = per_attempt(per_try_timeout=3.0, clock=clock)
+    call = make_call()
+    call.deadline = clock.now + 0.5
+
+    async def slow(call: Call) -> Reply:
+        await hang_after(clock, 1)
+        return ok()
+
+    with pytest.raises(UpstreamError) as caught:
+        await layer(call, slow)
+    assert caught.value.kind == "timeout"
+
+
+async def test_per_attempt_with_no_time_left_sends_nothing(clock: FakeClock) -> None:
+    calls: list[Call] = []
+
+    async def next(call: Call) -> Reply:
+        calls.append(call)
+        return ok()
+
+    call = make_call()
+    call.deadline = clock.now - 1
+    with pytest.raises(UpstreamError) as caught:
+        await per_attempt(per_try_timeout=3.0, clock=clock)(call, next)
+    assert caught.value.kind == "timeout" and not caught.value.sent
+    assert calls == []
+
+
+async def test_deadline_and_per_attempt_together_answer_504(loop_on: FakeClock) -> None:
+    clock = loop_on
+    outer = deadline(timeout=1.0, clock=clock)
+    inner = per_attempt(per_try_timeout=3.0, clock=clock)
+
+    async def slow(call: Call) -> Reply:
+        await hang_after(clock, 2)
+        return ok()
+
+    async def chain(call: Call) -> Reply:
+        return await inner(call, slow)
+
+    reply = await outer(make_call(), chain)
+    assert reply.status == 504
