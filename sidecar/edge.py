@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar import websocket
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.headers import TIMEOUT_MS, forwardable
 from sidecar.stack import Body, Call, Direction, Handler, Reply
@@ -54,6 +55,9 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
         source=source,
         started=clock.monotonic(),
     )
+    if websocket.is_upgrade(request):
+        call.notes["websocket"] = True
+        call.notes["ws_protocols"] = request.headers.get("Sec-WebSocket-Protocol", "")
     if request.message.url.is_absolute():
         call.notes["absolute_host"] = request.message.url.raw_authority
     return call
@@ -100,6 +104,8 @@ async def serve(request: web.BaseRequest, handler: Handler, direction: Direction
     """Run one request through a stack and answer it."""
     call = to_call(request, direction, body_limit=body_limit, source=source, clock=clock)
     reply = await handler(call)
+    if reply.upgrade is not None:
+        return await websocket.relay(request, reply)
     return await write(
         request, reply,
         extra=lambda reply, headers: extra(call, reply, headers),

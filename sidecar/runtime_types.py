@@ -17,6 +17,8 @@ from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.bulkhead import Bulkheads
 from sidecar.settings import Config
+from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.tracing import Tracing
 
 
 @dataclass(slots=True)
@@ -30,6 +32,8 @@ class Shared:
     budgets: RetryBudgets
     bulkheads: Bulkheads
     pools: Pools
+    metrics: Metrics
+    tracing: Tracing
 
 
 @dataclass(frozen=True, slots=True)

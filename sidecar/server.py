@@ -27,6 +27,8 @@ from sidecar.runtime_types import Shared, Wiring
 from sidecar.settings import Config
 from sidecar.stack import Call, Handler, Reply
 from sidecar.tasks import TaskGroup
+from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.tracing import setup_tracing
 
 log = logging.getLogger("sidecar")
 
@@ -72,6 +74,8 @@ class Sidecar:
             bulkheads=Bulkheads({}),
             pools=Pools(clock=self.clock, tasks=self.tasks, session=session,
                         on_eject=self._ejected),
+            metrics=Metrics(peers=config.services),
+            tracing=setup_tracing(config.tracing, service_name=config.service),
         )
         self._reload_state(config)
         self.stacks = self._build(config)
@@ -136,7 +140,8 @@ class Sidecar:
         return self.shared.pools.state(service)
 
     def render_metrics(self) -> tuple[bytes, str]:
-        return b"", "text/plain; version=0.0.4"
+        assert self.shared is not None
+        return self.shared.metrics.render()
 
     # -- the two data-path edges ---------------------------------------------
 
@@ -167,14 +172,19 @@ class Sidecar:
         self.shared.budgets.reload({n: s.policy.retry.budget for n, s in services.items()})
         self.shared.bulkheads.reload({n: s.policy.bulkhead for n, s in services.items()})
         self.shared.pools.reload(services)
+        self.shared.metrics.set_peers(services)
 
     def _ejected(self, service: str, url: str, seconds: float) -> None:
         log.warning("endpoint ejected", extra={"peer": service, "endpoint": url,
                                                "duration_s": seconds})
+        if self.shared is not None:
+            self.shared.metrics.ejected(service)
 
     def _breaker_changed(self, service: str, old: str, new: str) -> None:
         log.warning("circuit breaker changed", extra={"peer": service, "previous": old,
                                                        "state": new})
+        if self.shared is not None:
+            self.shared.metrics.breaker_changed(service, new)
 
     def reload(self) -> bool:
         """Re-read config, keys and JWKS; swap them in whole, or keep the old on error."""
@@ -234,6 +244,7 @@ class Sidecar:
         if self.shared is not None:
             await self.shared.session.close()
             await self.shared.audit.close()
+            await asyncio.get_running_loop().run_in_executor(None, self.shared.tracing.shutdown)
         await self.tasks.close()
         self.stopped.set()
 

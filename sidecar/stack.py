@@ -135,6 +135,7 @@ class Reply:
     reason: str | None = None
     made_here: bool = False
     release: Callable[[], None] | None = None
+    upgrade: Any = None  # an upstream WebSocket, on a 101 reply
 
     def discard(self) -> None:
         if self.release is not None:

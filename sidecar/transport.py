@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 from multidict import CIMultiDict
 
+from sidecar import websocket
 from sidecar.headers import REASON, forwardable
 from sidecar.stack import Call, Handler, Reply, UpstreamError
 
@@ -89,6 +90,14 @@ def send_to(session: aiohttp.ClientSession, base_url: Callable[[Call], str], *,
     """Terminal handler sending each call to the URL `base_url(call)` chooses."""
 
     async def send(call: Call) -> Reply:
+        if call.notes.get("websocket"):
+            try:
+                return await websocket.connect(session, call, base_url(call),
+                                               connect_timeout=connect_timeout(call))
+            except aiohttp.ClientConnectorError as exc:
+                raise UpstreamError("connect-failure", sent=False) from exc
+            except aiohttp.ClientError as exc:
+                raise UpstreamError("reset", sent=True) from exc
         return await exchange(session, call, base_url(call),
                               connect_timeout=connect_timeout(call))
 

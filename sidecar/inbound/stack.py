@@ -10,20 +10,27 @@ from sidecar.identity.layers import authorize, verify_token
 from sidecar.inbound.layers import hold_deadline, normalise_path
 from sidecar.runtime_types import Shared, Wiring
 from sidecar.stack import Handler, compose
+from sidecar.telemetry import metrics, tracing
 
 
 def build(shared: Shared, wiring: Wiring) -> Handler:
     config = wiring.config
     app = config.inbound.app.rstrip("/")
     return compose(
-        # Every decision is audited, refusals included; outermost to see the answer.
+        # Counts every answer, refusals included: outermost.
+        metrics.observe(metrics=shared.metrics, direction="inbound", clock=shared.clock),
+        # Every decision is audited, refusals included.
         auditing.record_decision(log=shared.audit, clock=shared.clock),
+        # The SERVER span continues the caller's trace; its context goes to the app.
+        tracing.server_span(tracing=shared.tracing),
         # The path the policy judges is the path the app gets: normalise first.
         normalise_path(routes=wiring.own_routes),
         # A body over limits.max_request_body is refused before the app sees it.
         guards.check_body(max_request_body=config.limits.max_request_body),
         # Who is calling: a verified token, or 401. Sets x-source-service.
         verify_token(service=config.service, verifier=wiring.verifier, policy=wiring.policy),
+        # In-flight gauge per verified caller: after the token check names it.
+        metrics.track_in_flight(metrics=shared.metrics, direction="inbound"),
         # May they: default deny when a policy is present, or 403.
         authorize(policy=wiring.policy),
         # App failures become problem+json (503 connect failure, 504, 502).

@@ -12,6 +12,7 @@ from sidecar.outbound.balancing import balance, chosen_endpoint
 from sidecar.resilience import breaker, bulkhead, deadline, retry
 from sidecar.runtime_types import Shared, Wiring
 from sidecar.stack import Handler, compose
+from sidecar.telemetry import metrics, tracing
 
 
 def build(shared: Shared, wiring: Wiring) -> Handler:
@@ -19,11 +20,16 @@ def build(shared: Shared, wiring: Wiring) -> Handler:
     services = config.services
     policies = {name: service.policy for name, service in services.items()}
     return compose(
-        # Every app call is audited, routed or not; outermost so the record
-        # sees the final answer, whoever made it.
+        # Counts every answer, refusals included: outermost.
+        metrics.observe(metrics=shared.metrics, direction="outbound", clock=shared.clock),
+        # Every app call is audited, routed or not; it sees the final answer.
         auditing.record_decision(log=shared.audit, clock=shared.clock),
+        # Fixes the call's trace id before anything can answer (the audit needs it).
+        tracing.trace_context(tracing=shared.tracing),
         # Names the target or answers 404 no_route before anything is dialled.
         routing.route(targets=wiring.targets, local_hosts=wiring.local_hosts),
+        # In-flight gauge per target: needs the target, so after routing.
+        metrics.track_in_flight(metrics=shared.metrics, direction="outbound"),
         # A body over limits.max_request_body never leaves: 413.
         guards.check_body(max_request_body=config.limits.max_request_body),
         # Failures no inner layer answered become problem+json (503/502/504).
@@ -39,6 +45,8 @@ def build(shared: Shared, wiring: Wiring) -> Handler:
                     budgets=shared.budgets, clock=shared.clock),
         # Inside retry so every attempt counts toward opening the circuit.
         breaker.guard(breakers=shared.breakers),
+        # One CLIENT span per attempt that the breaker let through.
+        tracing.client_span(tracing=shared.tracing),
         # A token for the target's audience on every attempt (cached per audience).
         attach_token(minter=lambda: wiring.minter),
         # Which endpoint this attempt goes to; its outcome feeds outlier ejection.

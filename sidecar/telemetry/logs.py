@@ -38,6 +38,7 @@ FIELDS = frozenset(
         "changed",
         "exporter",
         "endpoint",
+        "healthy",
         "peer",
         "state",
         "previous",

@@ -178,14 +178,18 @@ def observe(*, metrics: Metrics, direction: Direction, clock: Clock) -> Layer:
                 clock.monotonic() - started,
             )
             raise
+        peer = metrics.peer(call)
         metrics.answered(
             direction,
-            metrics.peer(call),
+            peer,
             call.method,
             str(reply.status),
             known_reason(reply.reason) or "",
             clock.monotonic() - started,
         )
+        retries = call.notes.get("retries", 0)
+        if retries:
+            metrics.retried(peer, retries)
         return reply
 
     return observe_layer

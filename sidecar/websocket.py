@@ -1,0 +1,79 @@
+"""WebSocket upgrades: identity and policy as for any call, then frames relayed as they are.
+
+The stack runs unchanged; only the terminal and the edge differ. The terminal
+opens the upstream WebSocket and returns a 101 `Reply` holding it; the edge
+accepts the client's upgrade and relays frames both ways until either side
+closes. Other upgrades (h2c) are never forwarded: `Upgrade` is hop-by-hop and
+is removed like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from sidecar.headers import forwardable
+from sidecar.stack import Call, Reply
+
+WEBSOCKET = "websocket"
+# The handshake headers are the client library's own on each hop.
+HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions",
+             "Sec-WebSocket-Protocol", "Host")
+
+
+def is_upgrade(request: web.BaseRequest) -> bool:
+    upgrade = request.headers.get("Upgrade", "").lower()
+    connection = request.headers.get("Connection", "").lower()
+    return upgrade == WEBSOCKET and "upgrade" in connection and request.method == "GET"
+
+
+async def connect(session: aiohttp.ClientSession, call: Call, base_url: str, *,
+                  connect_timeout: float) -> Reply:
+    """Open the upstream WebSocket; a refused handshake comes back as its status."""
+    protocols = [p.strip() for p in call.notes.get("ws_protocols", "").split(",") if p.strip()]
+    headers = forwardable(call.headers, drop=HANDSHAKE, drop_sidecar=False)
+    url = base_url.replace("http", "ws", 1) + call.target_path
+    try:
+        upstream = await session.ws_connect(
+            url, headers=headers, protocols=protocols, autoclose=False, autoping=True,
+            timeout=aiohttp.ClientWSTimeout(ws_close=5.0), max_msg_size=0,
+        )
+    except aiohttp.WSServerHandshakeError as exc:
+        return Reply(status=exc.status or 502, headers=CIMultiDict(exc.headers or {}))
+    return Reply(status=101, headers=CIMultiDict(), upgrade=upstream)
+
+
+async def relay(request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
+    """Accept the client's upgrade and relay frames until either side closes."""
+    upstream: aiohttp.ClientWebSocketResponse = reply.upgrade
+    client = web.WebSocketResponse(
+        protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False,
+        max_msg_size=0,
+    )
+    await client.prepare(request)
+
+    async def pipe(source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+                   sink: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> None:
+        async for message in source:
+            if message.type == aiohttp.WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+            elif message.type == aiohttp.WSMsgType.CLOSE:
+                break
+        await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
+
+    both = [asyncio.ensure_future(pipe(client, upstream)),
+            asyncio.ensure_future(pipe(upstream, client))]
+    try:
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in both:
+            task.cancel()
+        await asyncio.gather(*both, return_exceptions=True)
+        await upstream.close()
+        await client.close()
+    return client
