@@ -227,7 +227,11 @@ class Sidecar:
         inbound = self._servers.get("inbound")
         if inbound is not None:
             for protocol in list(inbound.connections):
-                protocol.close()
+                # Idle keep-alive connections go now; busy ones after their answer.
+                if protocol._request_in_progress:
+                    protocol.close()
+                else:
+                    protocol.force_close()
         outbound = self._servers.get("outbound")
         while loop.time() < ends:
             busy_in = inbound is not None and inbound.connections
