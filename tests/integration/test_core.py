@@ -302,7 +302,7 @@ async def test_sigterm_drains_calls_in_flight(make_mesh, upstreams):
 
 
 async def test_sighup_swaps_the_policy(make_mesh, upstreams):
-    a, b, app_b = await two_sidecars(make_mesh, upstreams)
+    a, b, _app_b = await two_sidecars(make_mesh, upstreams)
     async with aiohttp.ClientSession() as session:
         async with session.get(a.outbound_url + "/b/claims/1") as response:
             assert response.status == 200
