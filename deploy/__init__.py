@@ -1,0 +1,1 @@
+"""Deployment material: the example services, compose files and Kubernetes manifests."""
