@@ -31,7 +31,7 @@ def new_session(*, connect_timeout: float = 1.0, idle: float = 30.0) -> aiohttp.
         limit=0, limit_per_host=0, keepalive_timeout=idle, ttl_dns_cache=5,
         enable_cleanup_closed=True,
     )
-    return aiohttp.ClientSession(
+    session = aiohttp.ClientSession(
         connector=connector,
         auto_decompress=False,
         trust_env=False,
@@ -39,6 +39,12 @@ def new_session(*, connect_timeout: float = 1.0, idle: float = 30.0) -> aiohttp.
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
         skip_auto_headers=SKIP_AUTO_HEADERS,
     )
+    # aiohttp silently sends GET, PUT, DELETE, ... a second time after a reset
+    # or disconnect. That hidden retry would bypass `retry` (its attempt count,
+    # budget and `idempotent_methods`): every resend must be the retry layer's.
+    # There is no public switch; aiohttp's own test client turns it off this way.
+    session._retry_connection = False
+    return session
 
 
 async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,

@@ -363,7 +363,8 @@ class SpanQueue(SpanProcessor):
 
     def _export(self, batch: list[ReadableSpan]) -> None:
         try:
-            ok = self._exporter.export(batch) is SpanExportResult.SUCCESS
+            result = self._exporter.export([_without_trace_state(s) for s in batch])
+            ok = result is SpanExportResult.SUCCESS
         except Exception:  # an exporter bug must not end the export thread
             ok = False
         with self._lock:
@@ -376,6 +377,35 @@ class SpanQueue(SpanProcessor):
             self._settle.notify_all()
         if not ok:
             self._on_drop(len(batch), "export_failed")
+
+
+def _without_trace_state(span: ReadableSpan) -> ReadableSpan:
+    """`span` as it may leave the process: its W3C `tracestate` emptied.
+
+    The SDK copies the caller's `tracestate` header into every span of the
+    trace, and exporters send it on; it is a header value the app wrote, so
+    it stays out of spans (SPEC "Audit log"). It is still forwarded on the
+    wire: `_send_context` reads the live span, not this copy.
+    """
+    context = span.context
+    if context is None or not context.trace_state:
+        return span
+    return ReadableSpan(
+        name=span.name,
+        context=SpanContext(
+            context.trace_id, context.span_id, context.is_remote, context.trace_flags
+        ),
+        parent=span.parent,
+        resource=span.resource,
+        attributes=span.attributes,
+        events=span.events,
+        links=span.links,
+        kind=span.kind,
+        status=span.status,
+        start_time=span.start_time,
+        end_time=span.end_time,
+        instrumentation_scope=span.instrumentation_scope,
+    )
 
 
 class DropReport:
