@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
+
+from multidict import CIMultiDict
 
 from sidecar.audit import AuditLog
 from sidecar.clock import SYSTEM_CLOCK, Clock
@@ -14,6 +17,8 @@ DENIALS = frozenset({
     "no_route", "token_missing", "token_invalid", "policy_denied", "circuit_open",
     "bulkhead_full", "bad_request", "headers_too_large", "body_too_large",
 })
+# nginx's code for "the client closed the connection before the answer".
+CLIENT_CLOSED = Reply(status=499, headers=CIMultiDict())
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
@@ -36,7 +41,16 @@ def record_decision(*, log: AuditLog, clock: Clock = SYSTEM_CLOCK) -> Layer:
     """
 
     async def record_decision_layer(call: Call, next: Handler) -> Reply:
-        reply = await next(call)
+        try:
+            reply = await next(call)
+        except asyncio.CancelledError:
+            # The caller went away before the answer: still one record, as 499.
+            _write(call, CLIENT_CLOSED)
+            raise
+        _write(call, reply)
+        return reply
+
+    def _write(call: Call, reply: Reply) -> None:
         denied = reply.made_here and reply.reason in DENIALS
         log.record(
             direction=call.direction,
@@ -51,6 +65,5 @@ def record_decision(*, log: AuditLog, clock: Clock = SYSTEM_CLOCK) -> Layer:
             attempts=call.attempts,
             trace_id=trace_id(call),
         )
-        return reply
 
     return record_decision_layer

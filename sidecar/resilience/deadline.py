@@ -18,6 +18,9 @@ from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
 TIMEOUT_HEADER = "x-sidecar-timeout-ms"
 
 
+FAR_SIDE_MARGIN = 0.05
+
+
 def remaining(call: Call, clock: Clock) -> float | None:
     """Seconds left before `call.deadline` (never negative), or None without a deadline."""
     if call.deadline is None:
@@ -118,8 +121,10 @@ def per_attempt(
             raise UpstreamError("timeout", sent=False)
         call.headers.popall(TIMEOUT_HEADER, None)
         if mesh_for(call.target):
-            # Rounded down: the far side should give up a little before we do.
-            call.headers[TIMEOUT_HEADER] = str(max(1, int(bound * 1000)))
+            # The far side gives up a little before we do (50 ms, or a tenth of
+            # a short bound), so its own 504 and reason reach the app first.
+            margin = min(FAR_SIDE_MARGIN, bound / 10)
+            call.headers[TIMEOUT_HEADER] = str(max(1, int((bound - margin) * 1000)))
         scope = asyncio.timeout(bound)
         try:
             async with scope:

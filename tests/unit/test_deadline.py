@@ -201,8 +201,12 @@ async def test_per_attempt_sends_time_left_to_far_sidecar(clock: FakeClock) -> N
     await layer(call, next)
     call.deadline = clock.now + 1.2345
     await layer(call, next)
-    assert sent == ["3000", "1234"]
-    assert call.headers.getall(TIMEOUT_HEADER) == ["1234"]  # replaced, not added
+    # The far side is told a little less than this side waits (50 ms, or a
+    # tenth of a short bound), so its own answer arrives first.
+    call.deadline = clock.now + 0.2
+    await layer(call, next)
+    assert sent == ["2950", "1184", "180"]
+    assert call.headers.getall(TIMEOUT_HEADER) == ["180"]  # replaced, not added
 
 
 async def test_per_attempt_outside_mesh_sends_no_header(clock: FakeClock) -> None:

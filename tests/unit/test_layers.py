@@ -241,3 +241,24 @@ async def test_audit_records_decision_with_templated_route(tmp_path: Path) -> No
 
 def test_trace_id_is_always_set() -> None:
     assert len(trace_id(call("/x"))) == 32
+
+
+async def test_audit_records_a_call_whose_caller_went_away(tmp_path: Path) -> None:
+    import asyncio
+
+    log = AuditLog(tmp_path / "audit.jsonl", clock=FakeClock())
+    await log.start()
+    layer = record_decision(log=log, clock=FakeClock())
+
+    async def never(c: Call) -> Reply:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    task = asyncio.ensure_future(layer(call("/x", direction="inbound"), never))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await log.close()
+    record = json.loads((tmp_path / "audit.jsonl").read_text())
+    assert record["status"] == 499 and record["direction"] == "inbound"
