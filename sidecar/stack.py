@@ -7,9 +7,10 @@ handler. The lists themselves live in `outbound/stack.py` and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from multidict import CIMultiDict
 
@@ -154,23 +155,24 @@ def safe_method(method: str) -> str:
 
 
 Handler = Callable[[Call], Awaitable[Reply]]
-Layer = Callable[[Call, Handler], Awaitable[Reply]]
+
+
+class Layer(Protocol):
+    """`(call, next) -> Reply`; the second parameter is always named `next`."""
+
+    def __call__(self, call: Call, next: Handler) -> Awaitable[Reply]: ...
 
 
 def compose(*layers: Layer, terminal: Handler) -> Handler:
-    """Chain `layers` in order around `terminal`; the first layer runs first."""
+    """Chain `layers` in order around `terminal`; the first layer runs first.
+
+    Every layer names its second parameter `next`; binding it with `partial`
+    adds no coroutine frame of its own on the per-request path.
+    """
     handler = terminal
     for layer in reversed(layers):
-        handler = _bind(layer, handler)
+        handler = functools.partial(layer, next=handler)
     return handler
-
-
-def _bind(layer: Layer, next_handler: Handler) -> Handler:
-    async def handle(call: Call) -> Reply:
-        return await layer(call, next_handler)
-
-    handle.__qualname__ = getattr(layer, "__qualname__", "layer")
-    return handle
 
 
 class UpstreamError(Exception):
