@@ -42,7 +42,7 @@ async def _limited(request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]
 
 
 def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
-            source: str = "anonymous", clock: Clock = SYSTEM_CLOCK) -> Call:
+            source: str = "anonymous", target: str = "", clock: Clock = SYSTEM_CLOCK) -> Call:
     url = request.rel_url
     call = Call(
         direction=direction,
@@ -53,6 +53,7 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
         headers=forwardable(request.headers, drop=("baggage",), keep=(TIMEOUT_MS,)),
         body=request_body(request, body_limit),
         source=source,
+        target=target,
         started=clock.monotonic(),
     )
     if websocket.is_upgrade(request):
@@ -99,10 +100,11 @@ async def write(request: web.BaseRequest, reply: Reply, *,
 
 async def serve(request: web.BaseRequest, handler: Handler, direction: Direction, *,
                 body_limit: int, extra: Callable[[Call, Reply, CIMultiDict[str]], None],
-                closing: Callable[[], bool], source: str = "anonymous",
+                closing: Callable[[], bool], source: str = "anonymous", target: str = "",
                 clock: Clock = SYSTEM_CLOCK) -> web.StreamResponse:
     """Run one request through a stack and answer it."""
-    call = to_call(request, direction, body_limit=body_limit, source=source, clock=clock)
+    call = to_call(request, direction, body_limit=body_limit, source=source, target=target,
+                   clock=clock)
     reply = await handler(call)
     if reply.upgrade is not None:
         return await websocket.relay(request, reply)

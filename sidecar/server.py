@@ -159,7 +159,8 @@ class Sidecar:
         return await edge.serve(
             request, self.stacks.inbound, "inbound",
             body_limit=self.config.limits.max_request_body,
-            extra=_inbound_headers, closing=lambda: self.draining, clock=self.clock,
+            extra=_inbound_headers, closing=lambda: self.draining,
+            target=self.config.service, clock=self.clock,
         )
 
     # -- state changes ---------------------------------------------------------

@@ -160,6 +160,7 @@ async def test_audit_lines_on_both_sides_verify(make_mesh, upstreams):
     inbound = audit_lines(b)
     assert [r["direction"] for r in inbound] == ["inbound", "inbound"]
     assert inbound[0]["source"] == "a" and inbound[0]["decision"] == "allowed"
+    assert inbound[0]["target"] == "b"
     assert inbound[1]["reason"] == "policy_denied" and inbound[1]["decision"] == "denied"
     assert inbound[0]["trace_id"] == out[0]["trace_id"]
     assert "MRN12345678" not in a.audit_path.read_text() + b.audit_path.read_text()
