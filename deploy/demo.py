@@ -1,0 +1,524 @@
+"""`make demo`: the example mesh, started, exercised and explained for a newcomer.
+
+    .venv/bin/python -m deploy.demo
+
+It runs the Compose topology of `deploy/`: four example services, each with
+its own sidecar, and the `edge` sidecar that outside callers use. As root,
+where `ip netns` works, every service gets a network namespace of its own,
+exactly as a Compose container (`deploy.netns`); elsewhere everything runs on
+127.0.0.1 with a port set per service. Then it drives encounters, shows the
+identities each app saw, a refused call, a dependency failing and its callers'
+breakers opening and closing, the trace of each encounter, and the audit
+trail, and stops everything. Nothing outside 127.0.0.0/8 and the namespaces'
+own 198.18.0.0/24 is contacted, unless OTEL_EXPORTER_OTLP_ENDPOINT says so.
+
+Environment:
+
+    DEMO_MODE=auto|netns|loopback   auto (default): netns when possible
+    DEMO_WORKDIR=DIR                keys, configs, logs, audit logs (default: a new temp dir)
+    OTEL_EXPORTER_OTLP_ENDPOINT=URL the sidecars export traces there (e.g. a local Jaeger),
+                                    instead of to the demo's own receiver
+
+Exit status 0 when everything happened as narrated, 1 when something did not
+(the output says what), 2 when the chosen mode cannot run here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from deploy import narration, netns, traces
+from deploy.apps.client import post_encounter
+from deploy.apps.common import AppSettings, Neighbours, Reply
+from deploy.mesh import CONFIG_DIR, LocalMesh, MeshError, loopback_placement, netns_placement
+from deploy.topology import APPS, EDGE, SERVICES
+
+TIME_LIMIT = 55.0  # seconds for the whole demo, clean-up excluded
+# Short enough to watch: the shipped configs open after 5 failures and probe after 10 s.
+DEMO_BREAKER = {"failure_threshold": 2, "recovery_timeout": "2s"}
+FAILING = "compliance-monitor"  # the dependency the demo stops
+REPORTERS = ("insurance-verification", "billing-engine")  # its callers
+MAX_FAILING_ENCOUNTERS = 8
+RECOVERY_WITHIN = 12.0
+TRACE_WAIT = 5.0
+RULE = "=" * 72
+
+
+def heading(title: str) -> None:
+    print(f"\n{RULE}\n{title}\n{RULE}", flush=True)
+
+
+def say(*lines: str) -> None:
+    print("\n".join(lines), flush=True)
+
+
+def choose_mode(asked: str) -> tuple[str, str]:
+    """("netns" | "loopback", why); "error" when the asked mode cannot run."""
+    if asked not in ("auto", "netns", "loopback"):
+        return "error", f"DEMO_MODE must be auto, netns or loopback, not {asked!r}"
+    if asked == "loopback":
+        return "loopback", "DEMO_MODE=loopback"
+    reason = netns.unavailable_reason()
+    if reason is None:
+        return "netns", "running as root and `ip netns` works"
+    if asked == "netns":
+        return "error", f"DEMO_MODE=netns, but {reason}"
+    return "loopback", f"{reason}; set DEMO_MODE=netns as root to use namespaces"
+
+
+@dataclass
+class Encounter:
+    """One encounter the demo drove, with the call tree healthcare-api answered."""
+
+    patient: str
+    reply: Reply
+
+    @property
+    def trace_id(self) -> str | None:
+        value = self.reply.field("trace_id")
+        return value if isinstance(value, str) else None
+
+
+@dataclass
+class Demo:
+    """One run: each section is a method, in the order `run` calls them.
+
+    It owns what it starts (namespaces, processes, receiver, relay) so that
+    `amain` and `main` can remove them whatever happens, and collects in
+    `problems` anything that did not go as the narration says.
+    """
+
+    mode: str
+    workdir: Path
+    external_traces: str | None  # OTEL_EXPORTER_OTLP_ENDPOINT, when set
+    stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
+    layout: netns.Layout | None = None
+    mesh: LocalMesh | None = None
+    receiver: traces.TraceReceiver | None = None
+    problems: list[str] = field(default_factory=list)
+
+    # ---- 1. the mesh
+
+    async def start(self) -> None:
+        heading("1. Starting the mesh")
+        if self.mode == "netns":
+            netns.sweep_stale()
+            self.layout = netns.plan(list(SERVICES))
+            netns.build(self.layout)
+            placement = netns_placement(self.layout)
+        else:
+            placement = loopback_placement(SERVICES)
+        tracing_endpoint = await self._trace_sink()
+        self.mesh = LocalMesh(
+            placement,
+            self.workdir,
+            tracing_endpoint=tracing_endpoint,
+            breaker=DEMO_BREAKER,
+            env=self._otel_env(),
+        )
+        self._describe_sites()
+        await self.mesh.prepare()
+        say(
+            "",
+            f"Keys: `sidecar keygen` made one key pair per service in {self.mesh.keys_dir},",
+            f"      `sidecar jwks` merged the public keys into {self.mesh.jwks_path}.",
+            f"Configs: deploy/config/*.yaml, rewritten for this machine, in {self.workdir}/config.",
+            f"Breakers shortened for the demo: {narration.breaker_text(DEMO_BREAKER)}",
+            f"  (deploy/config: {narration.breaker_text(_shipped_breaker())}).",
+            f"Process logs (sidecars log JSON lines): {self.mesh.logs_dir}",
+        )
+        started = time.monotonic()
+        await self.mesh.start()
+        took = time.monotonic() - started
+        say(f"All {len(SERVICES)} sidecars ready (/readyz 200) in {took:.1f} s.")
+
+    def _describe_sites(self) -> None:
+        assert self.mesh is not None
+        if self.mode == "netns":
+            assert self.layout is not None
+            say(
+                "Network namespaces: each service has its own, as a Compose container has:",
+                "its app on 127.0.0.1:8000, its sidecar on 127.0.0.1:15001 (outbound),",
+                "0.0.0.0:15006 (inbound) and 127.0.0.1:15000 (admin). A bridge in the",
+                f"namespace {self.layout.switch} joins them; names resolve through",
+                "/etc/netns/<namespace>/hosts. The demo's client speaks from inside the edge",
+                "namespace, to the edge sidecar on 127.0.0.1:15001.",
+                "",
+            )
+            for service, site in self.mesh.sites.items():
+                say(f"  {service:<24} {site.address:<13} namespace {site.namespace}")
+            return
+        say(
+            "Loopback: everything shares 127.0.0.1, so each service has its own ports",
+            "(in Compose or Kubernetes they would all be 8000, 15001, 15006 and 15000):",
+            "",
+            f"  {'service':<24} {'app':>6} {'outbound':>9} {'inbound':>8} {'admin':>6}",
+        )
+        for service, site in self.mesh.sites.items():
+            app = str(site.app_port) if service in APPS else "-"
+            say(
+                f"  {service:<24} {app:>6} {site.outbound_port:>9} "
+                f"{site.inbound_port:>8} {site.admin_port:>6}"
+            )
+
+    async def _trace_sink(self) -> str | None:
+        """Where the sidecars' traces go; the config's endpoint to use (None: keep jaeger:4318)."""
+        if self.external_traces is None:
+            self.receiver = await traces.TraceReceiver().start()
+            self.stack.push_async_callback(self.receiver.stop)
+            target = ("127.0.0.1", self.receiver.port)
+            local = self.receiver.url
+        else:
+            parts = urlsplit(self.external_traces)
+            default_port = 443 if parts.scheme == "https" else 80
+            target = (parts.hostname or "localhost", parts.port or default_port)
+            local = self.external_traces
+        if self.layout is None:
+            return local
+        # The namespaces have no route out: `jaeger` is the switch, relayed from there.
+        listener = netns.listener_in(self.layout.switch, str(netns.SWITCH_ADDRESS), 4318)
+        relay = await netns.Relay(listener, target).start()
+        self.stack.push_async_callback(relay.stop)
+        return None
+
+    def _otel_env(self) -> dict[str, str]:
+        # Export every 200 ms, so each encounter's spans arrive while the demo waits.
+        env = {"OTEL_BSP_SCHEDULE_DELAY": os.environ.get("OTEL_BSP_SCHEDULE_DELAY", "200")}
+        if self.external_traces is not None:  # headers, protocol... for the user's collector
+            env |= {
+                name: value
+                for name, value in os.environ.items()
+                if name.startswith("OTEL_EXPORTER_OTLP_") and "ENDPOINT" not in name
+            }
+        return env
+
+    # ---- 2. encounters
+
+    async def encounters(self) -> list[Encounter]:
+        heading("2. Encounters: edge -> healthcare-api -> insurance-verification, billing-engine")
+        say(
+            "Each app calls its neighbours through its own sidecar (127.0.0.1:15001). The",
+            "caller's sidecar adds a signed token naming the caller; the callee's sidecar",
+            "verifies it and its policy, and hands the app the verified name in",
+            "x-source-service. Every app echoes what it saw:",
+        )
+        done = []
+        for patient in ("TEST-PATIENT-001", "TEST-PATIENT-002", "TEST-PATIENT-003"):
+            reply = await self._encounter(patient)
+            done.append(Encounter(patient, reply))
+            say("", f"Encounter for {patient}: {narration.status_text(reply)}")
+            say(*narration.call_lines(EDGE, reply.summary(), depth=1))
+        ok = [e for e in done if e.reply.ok]
+        if len(ok) != 2 or not all(narration.callers_verified(EDGE, e.reply.summary()) for e in ok):
+            self.problems.append("the encounters did not all go through as expected")
+        say(
+            "",
+            "TEST-PATIENT-003's coverage has lapsed: healthcare-api answers 422 itself;",
+            "the mesh delivered every call.",
+        )
+        return done
+
+    async def _encounter(self, patient: str) -> Reply:
+        assert self.mesh is not None
+        async with self.mesh.session(EDGE) as session:
+            edge = Neighbours(session, AppSettings(outbound=self.mesh.sites[EDGE].outbound_url))
+            return await post_encounter(edge, patient)
+
+    # ---- 3. traces
+
+    async def traces(self, encounters: list[Encounter]) -> None:
+        heading("3. One trace per encounter")
+        if self.receiver is None:
+            say(
+                f"The sidecars export to {self.external_traces} (OTEL_EXPORTER_OTLP_ENDPOINT).",
+                "Look the trace ids up there; here is the call tree the apps reported:",
+            )
+            for encounter in encounters:
+                say("", f"trace {encounter.trace_id}  ({encounter.patient})")
+                say(*narration.call_lines(EDGE, encounter.reply.summary(), depth=1))
+            return
+        say(
+            "Every sidecar sends its spans (OTLP/HTTP) to the demo's own receiver. Client spans",
+            "are made by the calling sidecar, server spans by the called one; the apps only",
+            "pass `traceparent` on.",
+        )
+        for encounter in encounters:
+            if encounter.trace_id is None:
+                self.problems.append(f"no trace id in the answer for {encounter.patient}")
+                continue
+            tree = encounter.reply.summary()
+            expected = narration.services_in(EDGE, tree)
+            # A client span from the caller and a server span from the callee per hop.
+            wanted = 2 * narration.hops(tree)
+            spans = await self.receiver.wait_for_trace(
+                encounter.trace_id, services=expected, spans=wanted, within=TRACE_WAIT
+            )
+            seen = {span.service for span in spans}
+            say(
+                "",
+                f"trace {encounter.trace_id}  ({encounter.patient}: {len(spans)} spans "
+                f"from {len(seen)} sidecars)",
+            )
+            say(*("  " + line for line in traces.tree_lines(spans)))
+            if not expected <= seen or len(spans) < wanted:
+                self.problems.append(f"trace {encounter.trace_id} arrived incomplete")
+
+    # ---- 4. refusals
+
+    async def refusals(self) -> None:
+        assert self.mesh is not None
+        heading("4. Refused calls: problem+json from the sidecar, the app never sees them")
+        say(
+            "The edge asks billing-engine for a claim directly. Its token is valid, but",
+            "billing-engine's policy admits only healthcare-api:",
+            "",
+        )
+        async with self.mesh.session(EDGE) as session:
+            edge = Neighbours(session, AppSettings(outbound=self.mesh.sites[EDGE].outbound_url))
+            denied = await edge.call(
+                "billing-engine", "POST", "/claims", context={}, json={"amount_cents": 100}
+            )
+        say(f"POST billing-engine /claims -> {denied.status}, x-sidecar-reason: {denied.reason}")
+        say(*narration.indented(json.dumps(denied.body, indent=2)))
+        if denied.status != 403 or denied.reason != "policy_denied":
+            self.problems.append(f"expected 403 policy_denied, got {denied.status}")
+
+        target = self.mesh.sites["healthcare-api"]
+        say(
+            "",
+            "A caller that skips its sidecar has no token. From the edge's network straight",
+            f"to healthcare-api's inbound port ({target.inbound_url}):",
+            "",
+        )
+        async with self.mesh.session(EDGE) as session:
+            async with session.post(target.inbound_url + "/encounters", json={}) as response:
+                body = await response.text()
+                status = response.status
+                reason = response.headers.get("x-sidecar-reason")
+        say(f"POST {target.inbound_url}/encounters -> {status}, x-sidecar-reason: {reason}")
+        say(*narration.indented(narration.pretty(body)))
+        if status != 401:
+            self.problems.append(f"expected 401 token_missing, got {status}")
+
+    # ---- 5. a failing dependency
+
+    async def failing_dependency(self) -> None:
+        assert self.mesh is not None
+        heading(f"5. A failing dependency: {FAILING} stops, its callers' breakers open")
+        code = await self.mesh.stop_app(FAILING)
+        say(
+            f"Stopped the {FAILING} app (SIGTERM, exit {code}); its sidecar keeps running",
+            "and answers 503 upstream_connect_failure. Reporting is best effort, so",
+            "encounters still succeed, but each report failure counts against the breakers",
+            f"of {' and '.join(REPORTERS)}:",
+            "",
+        )
+        for number in range(1, MAX_FAILING_ENCOUNTERS + 1):
+            reports = await self._reporting_encounter(number, "TEST-PATIENT-001")
+            if reports and all(node.get("reason") == "circuit_open" for node in reports.values()):
+                answer = next(iter(reports.values())).get("answer")
+                say("", "  The circuit_open answer, made by the caller's own sidecar:")
+                say(*narration.indented(json.dumps(answer, indent=2), "    "))
+                break
+        else:
+            self.problems.append(f"the breakers towards {FAILING} never opened")
+        await self._show_breakers("Breakers, from each caller's admin port (/admin/services):")
+        await self._show_circuit_metric(REPORTERS[0])
+
+    async def recovery(self) -> None:
+        assert self.mesh is not None
+        heading(f"6. {FAILING} comes back: a probe closes each breaker")
+        self.mesh.start_app(FAILING)
+        await self.mesh.wait_ready(FAILING)
+        say(
+            f"Started the {FAILING} app again; its sidecar is ready. After "
+            f"{DEMO_BREAKER['recovery_timeout']} an open",
+            "breaker lets one probe call through; a success closes it:",
+            "",
+        )
+        ends = time.monotonic() + RECOVERY_WITHIN
+        number = 0
+        while time.monotonic() < ends:
+            number += 1
+            reports = await self._reporting_encounter(number, "TEST-PATIENT-002")
+            if reports and all(node.get("status") == 202 for node in reports.values()):
+                break
+            await asyncio.sleep(0.5)
+        states = [await self.mesh.breaker_state(caller, FAILING) for caller in REPORTERS]
+        if states != ["closed"] * len(REPORTERS):
+            self.problems.append(f"the breakers towards {FAILING} did not close again")
+        await self._show_breakers("Breakers now:")
+
+    async def _reporting_encounter(self, number: int, patient: str) -> dict[str, narration.Node]:
+        """An encounter, told in one line with how its reports to FAILING went."""
+        reply = await self._encounter(patient)
+        reports = narration.calls_to(reply.summary(), FAILING)
+        outcome = reply.status if reply.status is not None else reply.error
+        say(f"  encounter {number}: {outcome}; reports: {narration.calls_text(reports)}")
+        return reports
+
+    async def _show_breakers(self, title: str) -> None:
+        assert self.mesh is not None
+        say("", title)
+        for caller in REPORTERS:
+            state = await self.mesh.breaker_state(caller, FAILING)
+            say(f"  {caller} -> {FAILING}: {state}")
+
+    async def _show_circuit_metric(self, caller: str) -> None:
+        assert self.mesh is not None
+        _, text = await self.mesh.admin(caller, "/metrics")
+        lines = [
+            line
+            for line in str(text).splitlines()
+            if line.startswith("sidecar_circuit_state{") and f'peer="{FAILING}"' in line
+        ]
+        if lines:
+            say("", f"The same in {caller}'s Prometheus metrics (/metrics):")
+            say(*("  " + line for line in lines))
+
+    # ---- 7. stop
+
+    async def stop(self) -> None:
+        assert self.mesh is not None
+        heading("7. Stopping: apps first, then their sidecars (SIGTERM, drain, exit 0)")
+        codes = await self.mesh.stop()
+        for name, code in codes.items():
+            say(f"  {name:<32} exit {code}")
+        if any(code != 0 for name, code in codes.items() if name.endswith("sidecar")):
+            self.problems.append("a sidecar did not exit 0 on SIGTERM")
+
+    # ---- 8. audit
+
+    async def audit(self) -> None:
+        assert self.mesh is not None
+        heading("8. The audit trail: one hash-chained line per call decision, per sidecar")
+        say(
+            "No bodies, query strings, tokens or identifiers: path segments that could be",
+            "identifiers are {id}. A few lines each, then `sidecar audit verify`:",
+        )
+        for service in SERVICES:
+            path = self.mesh.audit_path(service)
+            records = narration.audit_records(path)
+            say("", f"{service}: {len(records)} records in {path}")
+            for record in narration.sample(records):
+                say("  " + narration.audit_line(record, service))
+            code, output = await _verify(path)
+            say(f"  $ sidecar audit verify {path.name}", f"  {output}", f"  exit {code}")
+            if code != 0:
+                self.problems.append(f"{service}'s audit chain did not verify")
+
+
+# ---- helpers
+
+
+async def _verify(path: Path) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "sidecar",
+        "audit",
+        "verify",
+        str(path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await process.communicate()
+    return int(process.returncode or 0), out.decode(errors="replace").strip()
+
+
+def _shipped_breaker() -> Mapping[str, Any]:
+    doc = yaml.safe_load((CONFIG_DIR / "healthcare-api.yaml").read_text())
+    return dict(doc.get("defaults", {}).get("circuit_breaker") or {})
+
+
+# ---- running it
+
+
+def _workdir() -> Path:
+    given = os.environ.get("DEMO_WORKDIR")
+    if not given:  # kept afterwards, so the logs and audit files can be read
+        return Path(tempfile.mkdtemp(prefix="mesh-demo-"))
+    path = Path(given)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+async def run(demo: Demo) -> None:
+    await demo.start()
+    encounters = await demo.encounters()
+    await demo.traces(encounters)
+    await demo.refusals()
+    await demo.failing_dependency()
+    await demo.recovery()
+    await demo.stop()
+    await demo.audit()
+
+
+async def amain(demo: Demo) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)  # clean up as for Ctrl-C
+    started = time.monotonic()
+    try:
+        async with demo.stack, asyncio.timeout(TIME_LIMIT):
+            try:
+                await run(demo)
+            finally:
+                if demo.mesh is not None:
+                    demo.mesh.kill()  # anything still running after an error
+    except TimeoutError:
+        demo.problems.append(f"the demo did not finish within {TIME_LIMIT:.0f} s")
+    except (MeshError, netns.NetnsError) as exc:
+        demo.problems.append(str(exc))
+    finally:
+        if demo.layout is not None:
+            netns.destroy(demo.layout)
+    heading("Done")
+    say(f"Took {time.monotonic() - started:.1f} s. Files kept in {demo.workdir}.")
+    if demo.problems:
+        say("Not everything went as described:", *(f"  - {p}" for p in demo.problems))
+        return 1
+    say("Everything above happened as described. Next: README.md, deploy/README.md.")
+    return 0
+
+
+def main() -> None:
+    mode, why = choose_mode(os.environ.get("DEMO_MODE", "auto").strip().lower())
+    if mode == "error":
+        print(f"demo: {why}", file=sys.stderr)
+        sys.exit(2)
+    heading("The sidecar mesh demo")
+    say(f"Mode: {mode} ({why}).")
+    external = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
+    demo = Demo(mode=mode, workdir=_workdir(), external_traces=external)
+    try:
+        code = asyncio.run(amain(demo))
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM
+        print("\ninterrupted: everything stopped and removed", file=sys.stderr)
+        code = 130
+    finally:
+        # The last resort, should clean-up itself have been interrupted.
+        if demo.mesh is not None:
+            demo.mesh.kill()
+        if demo.layout is not None:
+            netns.destroy(demo.layout)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The deploy/ topology run for real: in network namespaces (root), and as `make demo`."""
