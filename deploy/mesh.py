@@ -24,6 +24,7 @@ import asyncio
 import copy
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -120,14 +121,28 @@ def loopback_placement(services: Sequence[str] = SERVICES) -> Placement:
     return Placement(mode="loopback", sites=sites)
 
 
+# Below the kernel's ephemeral range (32768-60999 by default), so a port
+# chosen here is not taken meanwhile as the source port of some connection.
+PORT_RANGE = (20000, 32000)
+
+
 def free_ports(count: int) -> list[int]:
     """`count` distinct ports that were free on 127.0.0.1 a moment ago."""
-    held = []
+    held: list[socket.socket] = []
     try:
-        for _ in range(count):  # held open together, so no port is handed out twice
+        # Held open together, so no port is handed out twice.
+        for _ in range(count * 50):
+            if len(held) == count:
+                break
             sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", random.randrange(*PORT_RANGE)))
+            except OSError:
+                sock.close()
+                continue
             held.append(sock)
-            sock.bind(("127.0.0.1", 0))
+        if len(held) < count:
+            raise RuntimeError("not enough free ports on 127.0.0.1")
         return [int(sock.getsockname()[1]) for sock in held]
     finally:
         for sock in held:

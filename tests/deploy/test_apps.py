@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from deploy.apps import (
     insurance_verification,
 )
 from deploy.apps.common import AppSettings, Neighbours, settings_from
+from deploy.mesh import free_ports
 from deploy.topology import APPS, EDGE, SERVICES
 from tests.deploy import REPO
 
@@ -452,18 +452,6 @@ def test_render_tree_marks_calls_that_got_no_answer() -> None:
 
 
 # -- as processes -----------------------------------------------------------------------
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports nothing listens on right now (held open together, so all differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @pytest.fixture

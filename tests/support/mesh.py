@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,18 @@ from typing import Any
 import aiohttp
 import yaml
 
+from deploy.mesh import free_ports
 from sidecar.identity import keys
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+class PortTaken(Exception):
+    """The sidecar could not bind one of its ports."""
 
 
 @dataclass
@@ -79,6 +81,15 @@ class SidecarProcess:
         self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
     async def start(self) -> SidecarProcess:
+        for _ in range(3):
+            try:
+                return await self._start_once()
+            except PortTaken:
+                # Another process took a port between choosing and binding it.
+                self.outbound, self.inbound, self.admin = free_port(), free_port(), free_port()
+        return await self._start_once()
+
+    async def _start_once(self) -> SidecarProcess:
         self.write_config()
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         env.update(self.env)
@@ -95,7 +106,11 @@ class SidecarProcess:
         async with aiohttp.ClientSession() as session:
             while time.monotonic() < ends:
                 if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"sidecar {self.name} exited: {self.logs()}")
+                    logs = self.logs()
+                    if "address already in use" in logs:
+                        self.stderr_path.unlink(missing_ok=True)
+                        raise PortTaken(self.name)
+                    raise RuntimeError(f"sidecar {self.name} exited: {logs}")
                 try:
                     async with session.get(self.admin_url + "/healthz") as response:
                         if response.status == 200:
