@@ -51,7 +51,7 @@ def decode(body: bytes) -> list[Span]:
     message.ParseFromString(body)
     spans = []
     for resource_spans in message.resource_spans:
-        resource = _attributes(resource_spans.resource.attributes)
+        resource = attributes_of(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 spans.append(
@@ -64,7 +64,7 @@ def decode(body: bytes) -> list[Span]:
                         service=str(resource.get("service.name", "?")),
                         start_ns=span.start_time_unix_nano,
                         end_ns=span.end_time_unix_nano,
-                        attributes=_attributes(span.attributes),
+                        attributes=attributes_of(span.attributes),
                     )
                 )
     return spans
@@ -169,7 +169,8 @@ def describe(span: Span) -> str:
     return f"{span.name} [{span.service}, {span.kind.lower()}] {span.duration_ms:.1f} ms{answer}"
 
 
-def _attributes(pairs: Any) -> dict[str, Any]:
+def attributes_of(pairs: Any) -> dict[str, Any]:
+    """OTLP KeyValue pairs as a plain dict (shared with the tests' receiver)."""
     return {pair.key: _value(pair.value) for pair in pairs}
 
 
@@ -180,5 +181,5 @@ def _value(value: AnyValue) -> Any:
     if which == "array_value":
         return [_value(item) for item in value.array_value.values]
     if which == "kvlist_value":
-        return _attributes(value.kvlist_value.values)
+        return attributes_of(value.kvlist_value.values)
     return getattr(value, which)

@@ -29,8 +29,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+from deploy.traces import attributes_of
 
 MODES = ("ok", "hang", "fail")
 GZIP_MAGIC = b"\x1f\x8b"
@@ -178,7 +179,7 @@ class OtlpReceiver:
 def _decode(message: ExportTraceServiceRequest) -> list[SpanDict]:
     spans = []
     for resource_spans in message.resource_spans:
-        resource = _attributes(resource_spans.resource.attributes)
+        resource = attributes_of(resource_spans.resource.attributes)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
                 spans.append(
@@ -188,7 +189,7 @@ def _decode(message: ExportTraceServiceRequest) -> list[SpanDict]:
                         "trace_id": span.trace_id.hex(),
                         "span_id": span.span_id.hex(),
                         "parent_span_id": span.parent_span_id.hex(),
-                        "attributes": _attributes(span.attributes),
+                        "attributes": attributes_of(span.attributes),
                         "service_name": resource.get("service.name"),
                         "status": Status.StatusCode.Name(span.status.code).removeprefix(
                             "STATUS_CODE_"
@@ -196,18 +197,3 @@ def _decode(message: ExportTraceServiceRequest) -> list[SpanDict]:
                     }
                 )
     return spans
-
-
-def _attributes(pairs: Any) -> dict[str, Any]:
-    return {pair.key: _value(pair.value) for pair in pairs}
-
-
-def _value(value: AnyValue) -> Any:
-    which = value.WhichOneof("value")
-    if which is None:
-        return None
-    if which == "array_value":
-        return [_value(item) for item in value.array_value.values]
-    if which == "kvlist_value":
-        return _attributes(value.kvlist_value.values)
-    return getattr(value, which)
