@@ -32,7 +32,8 @@ def check_body(*, max_request_body: int) -> Layer:
         except BodyTooLarge:
             return _too_large(max_request_body)
         except UpstreamError as exc:
-            if isinstance(exc.__cause__, BodyTooLarge) or _caused_by_body(exc):
+            # The transport saw the body's stream fail: was it our own limit?
+            if _caused_by_body(exc):
                 return _too_large(max_request_body)
             raise
 

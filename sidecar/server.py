@@ -24,7 +24,7 @@ from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.bulkhead import Bulkheads
 from sidecar.runtime import wire
 from sidecar.runtime_types import Shared, Wiring
-from sidecar.settings import Config
+from sidecar.settings import Config, Limits
 from sidecar.stack import Call, Handler, Reply
 from sidecar.tasks import TaskGroup
 from sidecar.telemetry.metrics import Metrics
@@ -108,10 +108,7 @@ class Sidecar:
         )
 
     async def _listen(self, name: str, handler: listener.RawHandler,
-                      address: tuple[str, int], limits: object) -> None:
-        from sidecar.settings import Limits
-
-        assert isinstance(limits, Limits)
+                      address: tuple[str, int], limits: Limits) -> None:
         runner, site, server = await listener.start(handler, address[0], address[1],
                                                     limits=limits)
         self._runners.append(runner)
