@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         if ok:
             print(f"{args.file}: {message}")
             return 0
-        print(f"{args.file}: broken: {message}", file=sys.stderr)
+        # Like `sha256sum -c`, the verdict is the command's output, on stdout.
+        print(f"{args.file}: broken: {message}")
         return 1
     return 2
 

@@ -19,16 +19,20 @@ from aiohttp.http_exceptions import LineTooLong
 
 from sidecar import problem
 from sidecar.settings import Limits
+from sidecar.stack import Reply
 
 log = logging.getLogger("sidecar.listener")
 
 RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# Told of every request refused before it could become a call (for audit and metrics).
+OnRefused = Callable[[Reply], None]
 
 
 class GuardedProtocol(web_protocol.RequestHandler):
     """aiohttp's request handler plus a header timeout and problem+json errors."""
 
     header_timeout: float = 10.0
+    on_refused: OnRefused | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -94,6 +98,8 @@ class GuardedProtocol(web_protocol.RequestHandler):
             response.force_close()
             return response
         reply = problem.reply(reason, detail)
+        if self.on_refused is not None:
+            self.on_refused(reply)
         assert isinstance(reply.body, bytes)
         response = web.Response(status=reply.status, body=reply.body, headers=reply.headers)
         response.force_close()
@@ -103,7 +109,8 @@ class GuardedProtocol(web_protocol.RequestHandler):
 class GuardedServer(web.Server):
     """A low-level server whose connections are `GuardedProtocol`s."""
 
-    def __init__(self, handler: RawHandler, *, limits: Limits, **kwargs: Any) -> None:
+    def __init__(self, handler: RawHandler, *, limits: Limits,
+                 on_refused: OnRefused | None = None, **kwargs: Any) -> None:
         super().__init__(
             handler,
             max_line_size=limits.max_header_line,
@@ -115,10 +122,12 @@ class GuardedServer(web.Server):
             **kwargs,
         )
         self.header_timeout = limits.header_timeout
+        self.on_refused = on_refused
 
     def __call__(self) -> GuardedProtocol:
         protocol = GuardedProtocol(self, loop=self._loop, **self._kwargs)
         protocol.header_timeout = self.header_timeout
+        protocol.on_refused = self.on_refused
         return protocol
 
     @property
@@ -126,9 +135,10 @@ class GuardedServer(web.Server):
         return len(self.connections)
 
 
-async def start(handler: RawHandler, host: str, port: int, *, limits: Limits
+async def start(handler: RawHandler, host: str, port: int, *, limits: Limits,
+                on_refused: OnRefused | None = None,
                 ) -> tuple[web.ServerRunner, web.TCPSite, GuardedServer]:
-    server = GuardedServer(handler, limits=limits)
+    server = GuardedServer(handler, limits=limits, on_refused=on_refused)
     runner = web.ServerRunner(server, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)

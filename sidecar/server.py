@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from dataclasses import dataclass, replace
 
@@ -25,7 +26,7 @@ from sidecar.resilience.bulkhead import Bulkheads
 from sidecar.runtime import wire
 from sidecar.runtime_types import Shared, Wiring
 from sidecar.settings import Config, Limits
-from sidecar.stack import Call, Handler, Reply
+from sidecar.stack import Call, Direction, Handler, Reply
 from sidecar.tasks import TaskGroup
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import setup_tracing
@@ -109,8 +110,10 @@ class Sidecar:
 
     async def _listen(self, name: str, handler: listener.RawHandler,
                       address: tuple[str, int], limits: Limits) -> None:
-        runner, site, server = await listener.start(handler, address[0], address[1],
-                                                    limits=limits)
+        direction: Direction = "inbound" if name == "inbound" else "outbound"
+        runner, site, server = await listener.start(
+            handler, address[0], address[1], limits=limits,
+            on_refused=lambda reply: self._refused(direction, reply))
         self._runners.append(runner)
         self._sites[name] = site
         self._servers[name] = server
@@ -159,6 +162,23 @@ class Sidecar:
             extra=_inbound_headers, closing=lambda: self.draining,
             target=self.config.service, clock=self.clock,
         )
+
+    def _refused(self, direction: Direction, reply: Reply) -> None:
+        """A request refused while being parsed (400, 431) is audited and counted too.
+
+        Nothing of it is known but that it came: the method and path stay unnamed.
+        """
+        assert self.shared is not None
+        own = self.config.service
+        peer = "anonymous" if direction == "inbound" else "unknown"
+        self.shared.audit.record(
+            direction=direction, source="anonymous" if direction == "inbound" else own,
+            target=own if direction == "inbound" else "unknown", method="OTHER",
+            route="/{invalid}", status=reply.status, decision="denied", reason=reply.reason,
+            duration_ms=0.0, attempts=0, trace_id=os.urandom(16).hex(),
+        )
+        self.shared.metrics.answered(direction, peer, "OTHER", str(reply.status),
+                                     reply.reason or "", 0.0)
 
     # -- state changes ---------------------------------------------------------
 

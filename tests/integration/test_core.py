@@ -247,6 +247,17 @@ async def test_limits_answer_431_and_413(make_mesh, upstreams):
         async with session.get(a.outbound_url + "/payer/ok") as response:
             assert response.status == 200
     assert [s.path for s in outside.seen if s.body] == []
+    # Refusals made while parsing are decisions too: audited and counted.
+    records = await wait_for_audit(a, 5)
+    assert [(r["status"], r["reason"], r["decision"]) for r in records] == [
+        (431, "headers_too_large", "denied"), (431, "headers_too_large", "denied"),
+        (413, "body_too_large", "denied"), (413, "body_too_large", "denied"),
+        (200, None, "allowed"),
+    ]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(a.admin_url + "/metrics") as response:
+            text = await response.text()
+    assert 'code="431"' in text and 'reason="headers_too_large"' in text
 
 
 async def test_slow_headers_are_cut_off(make_mesh, upstreams):
