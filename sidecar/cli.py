@@ -56,14 +56,14 @@ def main(argv: list[str] | None = None) -> int:
             for line in exc.errors:
                 print(line, file=sys.stderr)
             return 2
-        if args.command == "check":
-            from sidecar.runtime import check_keys
+        from sidecar.runtime import check_keys
 
-            problems = check_keys(config)
-            for line in problems:
-                print(line, file=sys.stderr)
-            if problems:
-                return 2
+        problems = check_keys(config)
+        for line in problems:
+            print(line, file=sys.stderr)
+        if problems:
+            return 2
+        if args.command == "check":
             print(f"{path}: valid ({config.service}, {len(config.services)} services)")
             return 0
         from sidecar.server import run_forever

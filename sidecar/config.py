@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_WHOLE_VAR = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "per-try-timeout"})
 HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
@@ -89,6 +90,11 @@ def parse(
 
 
 def _substitute(value: Any, path: str, env: Mapping[str, str], errors: _Errors) -> Any:
+    if isinstance(value, str) and _WHOLE_VAR.match(value) and value[2:-1] in env:
+        # `attempts: ${N}` is a number, `mesh: ${M}` a boolean, as YAML would read them.
+        typed = _scalar(env[value[2:-1]])
+        if isinstance(typed, bool | int | float):
+            return typed
     if isinstance(value, str):
         def one(match: re.Match[str]) -> str:
             if match.group(0) == "$${":
@@ -105,6 +111,13 @@ def _substitute(value: Any, path: str, env: Mapping[str, str], errors: _Errors) 
     if isinstance(value, list):
         return [_substitute(v, f"{path}[{i}]", env, errors) for i, v in enumerate(value)]
     return value
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _join(path: str, key: str) -> str:
@@ -137,6 +150,9 @@ class _Builder:
             return default
         try:
             return convert(raw[key])
+        except _ItemError as exc:
+            self.errors.add(f"{_join(path, key)}[{exc.index}]", str(exc))
+            return default
         except (ValueError, TypeError) as exc:
             self.errors.add(_join(path, key), str(exc))
             return default
@@ -322,7 +338,7 @@ class _Builder:
             backoff=backoff,
             retry_on=self.read(raw, "retry_on", path, _retry_on, base.retry_on),
             idempotent_methods=self.read(raw, "idempotent_methods", path,
-                                         lambda v: frozenset(_list_of(_method)(v)),
+                                         lambda v: frozenset(_items(v, _method)),
                                          base.idempotent_methods),
             budget=budget,
             max_body=self.read(raw, "max_body", path, _size(0), base.max_body),
@@ -447,13 +463,13 @@ def _source(value: Any) -> str:
 
 def _method(value: Any) -> str:
     if not isinstance(value, str) or value.upper() not in HTTP_METHODS:
-        raise ValueError("must be HTTP methods such as GET or POST")
+        raise ValueError("must be an HTTP method such as GET or POST")
     return value.upper()
 
 
 def _path_pattern(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError("must be paths that begin with '/'")
+        raise ValueError("must be a path that begins with '/'")
     if "*" in value[:-1] or (value.endswith("*") and not value.endswith("/*")):
         raise ValueError("a '*' may only end a path, as '/*'")
     return value
@@ -461,7 +477,7 @@ def _path_pattern(value: Any) -> str:
 
 def _route_template(value: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError("must be path templates that begin with '/'")
+        raise ValueError("must be a path template that begins with '/'")
     for segment in value.split("/")[1:]:
         if "{" in segment or "}" in segment:
             if not re.fullmatch(r"\{[A-Za-z_][A-Za-z0-9_]*\}", segment):
@@ -469,28 +485,42 @@ def _route_template(value: Any) -> str:
     return value
 
 
+class _ItemError(ValueError):
+    """A list item is invalid; `index` names it in the key path."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def _items(value: Any, convert: Callable[[Any], T]) -> list[T]:
+    if not isinstance(value, list):
+        raise ValueError("must be a list")
+    out = []
+    for index, item in enumerate(value):
+        try:
+            out.append(convert(item))
+        except ValueError as exc:
+            raise _ItemError(index, str(exc)) from None
+    return out
+
+
 def _list_of(convert: Callable[[Any], str]) -> Callable[[Any], tuple[str, ...]]:
     def read(value: Any) -> tuple[str, ...]:
-        if not isinstance(value, list):
-            raise ValueError("must be a list")
-        return tuple(convert(v) for v in value)
+        return tuple(_items(value, convert))
 
     return read
 
 
+def _retry_condition(item: Any) -> str:
+    text = str(item)
+    if text in RETRY_CONDITIONS or re.fullmatch(r"5\d\d", text):
+        return text
+    raise ValueError("must be connect-failure, reset, per-try-timeout or a 5xx status code")
+
+
 def _retry_on(value: Any) -> frozenset[str]:
-    if not isinstance(value, list):
-        raise ValueError("must be a list")
-    out = set()
-    for item in value:
-        text = str(item)
-        if text in RETRY_CONDITIONS or re.fullmatch(r"5\d\d", text):
-            out.add(text)
-        else:
-            raise ValueError(
-                "items must be connect-failure, reset, per-try-timeout or 5xx status codes"
-            )
-    return frozenset(out)
+    return frozenset(_items(value, _retry_condition))
 
 
 def _duration(*, positive: bool = False) -> Callable[[Any], float]:
@@ -582,17 +612,18 @@ def _http_url(value: Any) -> str:
     return value.rstrip("/")
 
 
+def _endpoint(value: Any) -> str:
+    url = _http_url(value)
+    parts = urlsplit(url)
+    if parts.path not in ("", "/") or parts.query or parts.username:
+        raise ValueError("must be scheme://host:port only, with no path or query")
+    return url
+
+
 def _endpoints(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError("must be a non-empty list of URLs")
-    out = []
-    for item in value:
-        url = _http_url(item)
-        parts = urlsplit(url)
-        if parts.path not in ("", "/") or parts.query or parts.username:
-            raise ValueError("endpoints are scheme://host:port only, with no path or query")
-        out.append(url)
-    return tuple(out)
+    return tuple(_items(value, _endpoint))
 
 
 def _app_url(value: Any) -> str:

@@ -16,10 +16,13 @@ from multidict import CIMultiDict
 
 from sidecar import websocket
 from sidecar.clock import SYSTEM_CLOCK, Clock
-from sidecar.headers import TIMEOUT_MS, forwardable
+from sidecar.headers import SOURCE, TIMEOUT_MS, forwardable
 from sidecar.stack import Body, Call, Direction, Handler, Reply
 
 log = logging.getLogger("sidecar.edge")
+
+
+LONGEST_HEADER_LINE = "longest_header_line"
 
 
 class BodyTooLarge(Exception):
@@ -49,13 +52,22 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
         method=request.method,
         path=url.raw_path,
         query=url.raw_query_string,
-        # Only the deadline header may come in; `baggage` never travels on.
-        headers=forwardable(request.headers, drop=("baggage",), keep=(TIMEOUT_MS,)),
+        # Only the deadline header may come in; `baggage` never travels on, and
+        # only the sidecar names the caller.
+        headers=forwardable(request.headers, drop=("baggage", SOURCE), keep=(TIMEOUT_MS,)),
         body=request_body(request, body_limit),
         source=source,
         target=target,
         started=clock.monotonic(),
     )
+    call.notes["http_version"] = f"{request.version.major}.{request.version.minor}"
+    if direction == "inbound" and request.transport is not None:
+        sockname = request.transport.get_extra_info("sockname")
+        if sockname:
+            call.notes["server_port"] = sockname[1]
+    # "name: value" as sent; the parser only bounds the value on its own.
+    call.notes[LONGEST_HEADER_LINE] = max(
+        (len(name) + len(value) + 2 for name, value in request.raw_headers), default=0)
     if websocket.is_upgrade(request):
         call.notes["websocket"] = True
         call.notes["ws_protocols"] = request.headers.get("Sec-WebSocket-Protocol", "")
@@ -107,7 +119,9 @@ async def serve(request: web.BaseRequest, handler: Handler, direction: Direction
                    clock=clock)
     reply = await handler(call)
     if reply.upgrade is not None:
-        return await websocket.relay(request, reply)
+        headers: CIMultiDict[str] = CIMultiDict()
+        extra(call, reply, headers)
+        return await websocket.relay(request, reply, headers=headers)
     return await write(
         request, reply,
         extra=lambda reply, headers: extra(call, reply, headers),

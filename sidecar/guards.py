@@ -6,7 +6,7 @@ import asyncio
 import logging
 
 from sidecar import problem
-from sidecar.edge import BodyTooLarge
+from sidecar.edge import LONGEST_HEADER_LINE, BodyTooLarge
 from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
 
 log = logging.getLogger("sidecar")
@@ -18,6 +18,39 @@ def _too_large(limit: int) -> Reply:
         f"The request body is larger than this sidecar's limit of {limit} bytes "
         "(limits.max_request_body). Send a smaller body.",
     )
+
+
+def check_target() -> Layer:
+    """Refuses what a mesh call never is with 400 `bad_request`: CONNECT
+    tunnels and the asterisk form (`OPTIONS *`). The sidecar is no open proxy."""
+
+    async def check_target_layer(call: Call, next: Handler) -> Reply:
+        if call.method == "CONNECT" or not call.path.startswith("/"):
+            return problem.reply(
+                "bad_request",
+                "CONNECT and the asterisk form are not supported: address a service "
+                "with an origin-form or absolute-form request.",
+            )
+        return await next(call)
+
+    return check_target_layer
+
+
+def check_headers(*, max_header_line: int) -> Layer:
+    """Refuses a header line (`name: value`) longer than the limit with 431
+    `headers_too_large`. (The count and very long values are refused while
+    parsing, before a call exists.)"""
+
+    async def check_headers_layer(call: Call, next: Handler) -> Reply:
+        if call.notes.get(LONGEST_HEADER_LINE, 0) > max_header_line:
+            return problem.reply(
+                "headers_too_large",
+                f"A request header line is longer than this sidecar's limit of "
+                f"{max_header_line} bytes (limits.max_header_line).",
+            )
+        return await next(call)
+
+    return check_headers_layer
 
 
 def check_body(*, max_request_body: int) -> Layer:

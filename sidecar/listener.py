@@ -33,6 +33,7 @@ class GuardedProtocol(web_protocol.RequestHandler):
 
     header_timeout: float = 10.0
     on_refused: OnRefused | None = None
+    answer_headers: dict[str, str] = {}  # replaced per server, never mutated
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -91,13 +92,13 @@ class GuardedProtocol(web_protocol.RequestHandler):
                 "Content-Length and Transfer-Encoding). The connection is closed.")
         else:
             response = web.Response(
-                status=500, content_type="application/problem+json",
+                status=500, content_type="application/problem+json", headers=self.answer_headers,
                 text=json.dumps({"type": "about:blank", "title": "Internal error",
                                  "status": 500, "detail": "The sidecar failed on this request.",
                                  "reason": None}))
             response.force_close()
             return response
-        reply = problem.reply(reason, detail)
+        reply = problem.reply(reason, detail, headers=self.answer_headers)
         if self.on_refused is not None:
             self.on_refused(reply)
         assert isinstance(reply.body, bytes)
@@ -110,7 +111,8 @@ class GuardedServer(web.Server):
     """A low-level server whose connections are `GuardedProtocol`s."""
 
     def __init__(self, handler: RawHandler, *, limits: Limits,
-                 on_refused: OnRefused | None = None, **kwargs: Any) -> None:
+                 on_refused: OnRefused | None = None,
+                 answer_headers: dict[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(
             handler,
             max_line_size=limits.max_header_line,
@@ -123,11 +125,13 @@ class GuardedServer(web.Server):
         )
         self.header_timeout = limits.header_timeout
         self.on_refused = on_refused
+        self.answer_headers = answer_headers or {}
 
     def __call__(self) -> GuardedProtocol:
         protocol = GuardedProtocol(self, loop=self._loop, **self._kwargs)
         protocol.header_timeout = self.header_timeout
         protocol.on_refused = self.on_refused
+        protocol.answer_headers = self.answer_headers
         return protocol
 
     @property
@@ -137,8 +141,11 @@ class GuardedServer(web.Server):
 
 async def start(handler: RawHandler, host: str, port: int, *, limits: Limits,
                 on_refused: OnRefused | None = None,
+                answer_headers: dict[str, str] | None = None,
                 ) -> tuple[web.ServerRunner, web.TCPSite, GuardedServer]:
-    server = GuardedServer(handler, limits=limits, on_refused=on_refused)
+    """Listen on host:port; `answer_headers` go on every answer made while parsing."""
+    server = GuardedServer(handler, limits=limits, on_refused=on_refused,
+                           answer_headers=answer_headers)
     runner = web.ServerRunner(server, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)

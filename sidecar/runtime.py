@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sidecar.clock import Clock
 from sidecar.identity import keys
 from sidecar.identity.tokens import Minter, Verifier
@@ -36,14 +38,25 @@ def load_identity(config: Config, clock: Clock) -> tuple[Minter, Verifier]:
 
 
 def check_keys(config: Config) -> list[str]:
-    """Key problems as `key.path: message` lines (for `sidecar check`)."""
-    from sidecar.clock import SYSTEM_CLOCK
-
-    try:
-        load_identity(config, SYSTEM_CLOCK)
-    except (ValueError, OSError) as exc:
-        return [f"identity: {exc}"]
+    """Key and policy problems as `key.path: message` lines (for `check` and `run`)."""
+    ident = config.identity
     problems = []
+    loads: list[tuple[str, str | None, Callable[[str], object]]] = (
+        [("secret_file", ident.secret_file, keys.load_secret)]
+        if ident.algorithm == keys.SECRET_ALGORITHM
+        else [
+            ("private_key_file", ident.private_key_file,
+             lambda path: keys.load_private_key(path, ident.algorithm)),
+            ("jwks_file", ident.jwks_file, keys.load_keyset),
+        ]
+    )
+    for key, path, load in loads:
+        if path is None:
+            continue
+        try:
+            load(path)
+        except (ValueError, OSError) as exc:
+            problems.append(f"identity.{key}: {exc}")
     try:
         Policy(rules=config.inbound.policy, public_paths=config.inbound.public_paths)
     except ValueError as exc:

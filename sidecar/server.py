@@ -33,6 +33,11 @@ from sidecar.telemetry.tracing import setup_tracing
 
 log = logging.getLogger("sidecar")
 
+# Settings a reload cannot change in a running process (SPEC: listen addresses
+# are kept until a restart; limits, audit file and tracing live in the listeners,
+# the audit log and the tracer, which are built once).
+RESTART_ONLY = ("service", "listen", "limits", "audit", "tracing")
+
 
 @dataclass(frozen=True, slots=True)
 class Stacks:
@@ -113,7 +118,9 @@ class Sidecar:
         direction: Direction = "inbound" if name == "inbound" else "outbound"
         runner, site, server = await listener.start(
             handler, address[0], address[1], limits=limits,
-            on_refused=lambda reply: self._refused(direction, reply))
+            on_refused=lambda reply: self._refused(direction, reply),
+            # No attempt is made for a request refused while parsing.
+            answer_headers={ATTEMPTS: "0"} if direction == "outbound" else None)
         self._runners.append(runner)
         self._sites[name] = site
         self._servers[name] = server
@@ -141,6 +148,10 @@ class Sidecar:
 
     def render_metrics(self) -> tuple[bytes, str]:
         assert self.shared is not None
+        # A breaker turns half-open when its recovery time has passed, which it
+        # notices when asked: ask each, so the circuit gauge is current.
+        for _name, breaker in self.shared.breakers.items():
+            _ = breaker.state
         return self.shared.metrics.render()
 
     # -- the two data-path edges ---------------------------------------------
@@ -211,9 +222,13 @@ class Sidecar:
             return False
         try:
             new = config_loader.load(path)
-            if new.listen != self.config.listen:
-                log.warning("listen addresses changed in the config; they apply after a restart")
-                new = replace(new, listen=self.config.listen)
+            # Listeners, the audit file and the tracer are built once per process.
+            fixed = {key: getattr(self.config, key) for key in RESTART_ONLY
+                     if getattr(new, key) != getattr(self.config, key)}
+            if fixed:
+                log.warning("config changes that apply after a restart were kept as they are",
+                            extra={"changed": sorted(fixed)})
+                new = replace(new, **fixed)
             stacks = self._build(new)
         except config_loader.ConfigError as exc:
             log.error("config reload refused; the old config stays",

@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from sidecar import websocket
 from sidecar.headers import REASON, forwardable
 from sidecar.stack import Call, Handler, Reply, UpstreamError
 
-SKIP_AUTO_HEADERS = ("User-Agent", "Accept-Encoding", "Content-Type")
+SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
 def new_session(*, connect_timeout: float = 1.0, idle: float = 30.0) -> aiohttp.ClientSession:
@@ -55,7 +56,8 @@ async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
     try:
         response = await session.request(
             call.method,
-            base_url + call.target_path,
+            # Encoded as it stands: the path the policy saw is the path sent.
+            URL(base_url + call.target_path, encoded=True),
             headers=headers,
             data=body,
             allow_redirects=False,

@@ -14,8 +14,10 @@ import asyncio
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
-from sidecar.headers import forwardable
+from sidecar import problem
+from sidecar.headers import REASON, forwardable
 from sidecar.stack import Call, Reply
 
 WEBSOCKET = "websocket"
@@ -35,24 +37,36 @@ async def connect(session: aiohttp.ClientSession, call: Call, base_url: str, *,
     """Open the upstream WebSocket; a refused handshake comes back as its status."""
     protocols = [p.strip() for p in call.notes.get("ws_protocols", "").split(",") if p.strip()]
     headers = forwardable(call.headers, drop=HANDSHAKE, drop_sidecar=False)
-    url = base_url.replace("http", "ws", 1) + call.target_path
+    url = URL(base_url.replace("http", "ws", 1) + call.target_path, encoded=True)
     try:
         upstream = await session.ws_connect(
             url, headers=headers, protocols=protocols, autoclose=False, autoping=True,
             timeout=aiohttp.ClientWSTimeout(ws_close=5.0), max_msg_size=0,
         )
     except aiohttp.WSServerHandshakeError as exc:
-        return Reply(status=exc.status or 502, headers=CIMultiDict(exc.headers or {}))
+        # The far side refused the upgrade: its answer goes back as it came,
+        # reason included. Its body is gone with the handshake, so a problem
+        # body is rebuilt from the reason when there is one.
+        headers = CIMultiDict(exc.headers or {})
+        reason = headers.get(REASON)
+        status = exc.status or 502
+        if reason in problem.REASONS and problem.REASONS[reason][0] == status:
+            refused = problem.reply(reason, "The far side refused the WebSocket upgrade.")
+            refused.made_here = False
+            return refused
+        return Reply(status=status, headers=headers, reason=reason)
     return Reply(status=101, headers=CIMultiDict(), upgrade=upstream)
 
 
-async def relay(request: web.BaseRequest, reply: Reply) -> web.StreamResponse:
-    """Accept the client's upgrade and relay frames until either side closes."""
+async def relay(request: web.BaseRequest, reply: Reply, *,
+                headers: CIMultiDict[str]) -> web.StreamResponse:
+    """Accept the client's upgrade (with `headers`) and relay frames until either side closes."""
     upstream: aiohttp.ClientWebSocketResponse = reply.upgrade
     client = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False,
         max_msg_size=0,
     )
+    client.headers.extend(headers)
     await client.prepare(request)
 
     async def pipe(source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,

@@ -72,11 +72,12 @@ def verify_token(*, service: str, verifier: Verifier, policy: Policy) -> Layer:
 def authorize(*, policy: Policy) -> Layer:
     """Inbound, after the token: the policy decides on caller, method and path.
 
-    Public paths pass. Refuses with 403 `policy_denied`.
+    Public paths pass, whoever calls. Refuses with 403 `policy_denied`.
     """
 
     async def authorize_layer(call: Call, next: Handler) -> Reply:
-        if call.source == "anonymous" and policy.is_public(call.path):
+        # A public path is public to every caller, verified or not.
+        if policy.is_public(call.path):
             return await next(call)
         if not policy.allows(call.source, call.method, call.path):
             return problem.reply(

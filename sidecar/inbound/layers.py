@@ -8,6 +8,7 @@ from sidecar import problem
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.headers import TIMEOUT_MS
 from sidecar.paths import BadPath, RouteTable, normalise
+from sidecar.resilience.deadline import asked_timeout
 from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
 
 
@@ -35,16 +36,19 @@ def normalise_path(*, routes: RouteTable) -> Layer:
 def hold_deadline(*, timeout: float, clock: Clock = SYSTEM_CLOCK) -> Layer:
     """Inbound: the calling sidecar's `x-sidecar-timeout-ms` bounds the app call.
 
-    It only shortens the service's own timeout; the header is not passed on
-    to the app. Expiry is answered by the failure layer as 504.
+    It only shortens the service's own timeout (a value that is not a positive
+    whole number of milliseconds is ignored); the header is not passed on to
+    the app. Expiry is answered by the failure layer as 504.
     """
 
     async def hold_deadline_layer(call: Call, next: Handler) -> Reply:
         budget = timeout
         for value in call.headers.popall(TIMEOUT_MS, []):
-            if value.isdigit():
-                budget = min(budget, int(value) / 1000)
+            asked = asked_timeout(value)
+            if asked is not None:
+                budget = min(budget, asked)
         call.deadline = clock.monotonic() + budget
+        call.attempts = 1  # the one call to the app
         try:
             async with asyncio.timeout(budget):
                 return await next(call)

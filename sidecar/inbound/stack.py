@@ -23,6 +23,10 @@ def build(shared: Shared, wiring: Wiring) -> Handler:
         auditing.record_decision(log=shared.audit, clock=shared.clock),
         # The SERVER span continues the caller's trace; its context goes to the app.
         tracing.server_span(tracing=shared.tracing),
+        # No CONNECT tunnels, no asterisk form: 400 bad_request.
+        guards.check_target(),
+        # A header line over limits.max_header_line is refused: 431.
+        guards.check_headers(max_header_line=config.limits.max_header_line),
         # The path the policy judges is the path the app gets: normalise first.
         normalise_path(routes=wiring.own_routes),
         # A body over limits.max_request_body is refused before the app sees it.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -70,6 +72,7 @@ def balance(*, pools: Pools) -> Layer:
     async def balance_layer(call: Call, next: Handler) -> Reply:
         endpoint = pools.for_service(call.target).pick()
         call.notes[ENDPOINT] = endpoint.url
+        call.scheme, call.notes["server_port"] = _scheme_and_port(endpoint.url)
         endpoint.start()
         try:
             reply = await next(call)
@@ -83,6 +86,12 @@ def balance(*, pools: Pools) -> Layer:
         return reply
 
     return balance_layer
+
+
+@functools.lru_cache(maxsize=1024)
+def _scheme_and_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def chosen_endpoint(call: Call) -> str:

@@ -26,6 +26,10 @@ def build(shared: Shared, wiring: Wiring) -> Handler:
         auditing.record_decision(log=shared.audit, clock=shared.clock),
         # Fixes the call's trace id before anything can answer (the audit needs it).
         tracing.trace_context(tracing=shared.tracing),
+        # No CONNECT tunnels, no asterisk form: 400 bad_request.
+        guards.check_target(),
+        # A header line over limits.max_header_line never leaves: 431.
+        guards.check_headers(max_header_line=config.limits.max_header_line),
         # Names the target or answers 404 no_route before anything is dialled.
         routing.route(targets=wiring.targets, local_hosts=wiring.local_hosts),
         # In-flight gauge per target: needs the target, so after routing.

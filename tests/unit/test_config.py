@@ -121,8 +121,8 @@ def test_every_error_is_reported_with_its_key_path(tmp_path: Path, key_dir: Path
     doc["limits"]["max_headres"] = 10
     doc["defaults"]["retry"]["attempts"] = 0
     doc["defaults"]["timeout"] = 10
-    doc["services"]["compliance-monitor"]["endpoints"] = ["ftp://x"]
-    doc["inbound"]["policy"][0]["methods"] = ["FETCH"]
+    doc["services"]["compliance-monitor"]["endpoints"] = ["http://ok:15006", "ftp://x"]
+    doc["inbound"]["policy"][0]["methods"] = ["POST", "FETCH"]
     doc["identity"]["jwks_file"] = "/nonexistent/jwks.json"
     with pytest.raises(config.ConfigError) as caught:
         config.parse(doc)
@@ -130,8 +130,9 @@ def test_every_error_is_reported_with_its_key_path(tmp_path: Path, key_dir: Path
     assert "limits.max_headres: unknown key" in errors
     assert "defaults.retry.attempts:" in errors
     assert "defaults.timeout:" in errors
-    assert "services.compliance-monitor.endpoints:" in errors
-    assert "inbound.policy[0].methods:" in errors
+    # A bad list item is named by its index.
+    assert "services.compliance-monitor.endpoints[1]:" in errors
+    assert "inbound.policy[0].methods[1]:" in errors
     assert "identity.jwks_file: file not found" in errors
     assert len(caught.value.errors) >= 6
 
@@ -202,3 +203,15 @@ def test_check_command_exit_codes(tmp_path: Path, key_dir: Path) -> None:
     lines = result.stderr.strip().splitlines()
     assert "limits.max_headers: must be a whole number" in lines
     assert "limits.surprise: unknown key" in lines
+
+
+def test_a_whole_value_from_the_environment_keeps_its_yaml_type(
+    tmp_path: Path, key_dir: Path
+) -> None:
+    text = SPEC_EXAMPLE.replace("attempts: 3", "attempts: ${N}").replace(
+        "    mesh: false", "    mesh: ${M}").replace("sample_ratio: 1.0", "sample_ratio: ${R}")
+    cfg = config.load(write(tmp_path, text, key_dir), environ={"N": "5", "M": "false",
+                                                                "R": "0.5"})
+    assert cfg.defaults.retry.attempts == 5
+    assert cfg.services["payer-gateway"].mesh is False
+    assert cfg.tracing.sample_ratio == 0.5

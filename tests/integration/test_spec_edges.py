@@ -1,0 +1,164 @@
+"""SPEC details at the edges of the data path, through real sidecar processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+
+import aiohttp
+import pytest
+
+from tests.integration.test_core import POLICY, two_sidecars, wait_for_audit
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def raw(port: int, request: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), timeout=20)
+    writer.close()
+    return data
+
+
+async def test_the_app_gets_the_path_and_query_exactly_as_the_policy_saw_them(
+    make_mesh, upstreams
+):
+    a, _b, _app_b = await two_sidecars(make_mesh, upstreams)
+    reply = await raw(a.outbound, b"GET /b/claims/a%3Ab%7E?r=%2F&s=%7e HTTP/1.1\r\n"
+                                  b"Host: localhost\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200")
+    # %7E is unreserved and decoded by the normalisation; %3A is kept as sent.
+    body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert body["path"] == "/claims/a%3Ab~?r=%2F&s=%7e"
+
+
+async def test_dotdot_above_the_root_is_refused_even_through_the_outbound_path(
+    make_mesh, upstreams
+):
+    a, _b, app_b = await two_sidecars(make_mesh, upstreams)
+    reply = await raw(a.outbound, b"GET /b/claims/%2e%2e/%2e%2e/x HTTP/1.1\r\n"
+                                  b"Host: localhost\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400")
+    assert b"x-sidecar-reason: bad_request" in reply
+    assert app_b.seen == []
+
+
+async def test_public_paths_are_public_to_mesh_callers_too(make_mesh, upstreams):
+    a, _b, app_b = await two_sidecars(make_mesh, upstreams)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(a.outbound_url + "/b/health") as response:
+            assert response.status == 200
+    assert app_b.paths() == ["/health"]
+
+
+async def test_connect_and_asterisk_form_are_bad_requests_with_attempts_zero(
+    make_mesh, upstreams
+):
+    a, _b, app_b = await two_sidecars(make_mesh, upstreams)
+    for request in (b"CONNECT b:80 HTTP/1.1\r\nHost: b:80\r\n\r\n",
+                    b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n"):
+        reply = await raw(a.outbound, request)
+        assert reply.split(b"\r\n")[0].split(b" ")[1] == b"400", reply[:200]
+        assert b"x-sidecar-reason: bad_request" in reply
+        assert b"x-sidecar-attempts: 0" in reply
+    assert app_b.seen == []
+
+
+async def test_answers_made_while_parsing_carry_attempts_zero(make_mesh, upstreams):
+    a, _b, _app_b = await two_sidecars(make_mesh, upstreams)
+    reply = await raw(a.outbound, b"POST /b/claims HTTP/1.1\r\nHost: localhost\r\n"
+                                  b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 400") or reply.startswith(b"HTTP/1.0 400")
+    assert b"x-sidecar-attempts: 0" in reply
+    assert b"application/problem+json" in reply
+
+
+async def test_a_header_line_is_measured_whole(make_mesh, upstreams):
+    mesh = make_mesh(["a"])
+    outside = await upstreams().start()
+    a = mesh.sidecar("a", services={"payer": {"endpoints": [outside.url], "mesh": False}},
+                     limits={"max_header_line": "1KiB"})
+    await a.start()
+    async with aiohttp.ClientSession() as session:
+        # "x-a: " + 1020 bytes = 1025 bytes: one over the limit.
+        async with session.get(a.outbound_url + "/payer/x",
+                               headers={"x-a": "v" * 1020}) as response:
+            assert response.status == 431
+        async with session.get(a.outbound_url + "/payer/x",
+                               headers={"x-a": "v" * 1019}) as response:
+            assert response.status == 200
+    assert len(outside.seen) == 1
+
+
+async def test_the_app_never_names_its_caller_to_outside_services(make_mesh, upstreams):
+    mesh = make_mesh(["a"])
+    outside = await upstreams().start()
+    a = mesh.sidecar("a", services={"payer": {"endpoints": [outside.url], "mesh": False}})
+    await a.start()
+    reply = await raw(a.outbound, b"GET /payer/x HTTP/1.1\r\nHost: localhost\r\n"
+                                  b"x-source-service: admin\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200")
+    seen = outside.seen[0].headers
+    assert "x-source-service" not in seen
+    # Nor does the sidecar add headers of its own.
+    assert not {"accept", "accept-encoding", "user-agent"} & set(seen)
+
+
+async def test_inbound_records_one_attempt_and_ignores_a_zero_deadline(make_mesh, upstreams):
+    a, b, _app_b = await two_sidecars(make_mesh, upstreams)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(a.outbound_url + "/b/claims/1",
+                               headers={"x-sidecar-timeout-ms": "0"}) as response:
+            assert response.status == 200
+    records = await wait_for_audit(b, 1)
+    assert records[0]["attempts"] == 1 and records[0]["status"] == 200
+
+
+async def test_breaker_gauge_turns_half_open_without_traffic(make_mesh, upstreams):
+    from tests.support.mesh import free_port
+
+    mesh = make_mesh(["a"])
+    a = mesh.sidecar("a", services={"dead": {
+        "endpoints": [f"http://127.0.0.1:{free_port()}"], "mesh": False,
+        "retry": {"attempts": 1},
+        "circuit_breaker": {"failure_threshold": 1, "recovery_timeout": "300ms"},
+    }})
+    await a.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(a.outbound_url + "/dead/x") as response:
+            assert response.status == 503
+        state = ""
+        for _ in range(100):
+            async with session.get(a.admin_url + "/metrics") as response:
+                text = await response.text()
+            if 'sidecar_circuit_state{peer="dead",state="half-open"} 1.0' in text:
+                state = "half-open"
+                break
+            await asyncio.sleep(0.05)
+    assert state == "half-open"
+
+
+async def test_reload_keeps_restart_only_settings_and_says_so(make_mesh, upstreams):
+    a, b, _app_b = await two_sidecars(make_mesh, upstreams)
+    b.config["limits"] = {"max_headers": 5}
+    b.config["inbound"]["policy"] = [*POLICY, {"from": ["a"], "paths": ["/reports/*"]}]
+    b.write_config()
+    b.signal(signal.SIGHUP)
+    async with aiohttp.ClientSession() as session:
+        status = 0
+        for _ in range(100):
+            async with session.get(a.outbound_url + "/b/reports/1") as response:
+                status = response.status
+            if status == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert status == 200
+        many = {f"x-h{i}": "1" for i in range(10)}
+        async with session.get(a.outbound_url + "/b/claims/1", headers=many) as response:
+            assert response.status == 200
+        async with session.get(b.admin_url + "/admin/config") as response:
+            assert (await response.json())["limits"]["max_headers"] == 100
+    assert "apply after a restart" in b.logs()
