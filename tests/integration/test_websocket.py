@@ -33,6 +33,7 @@ async def test_websocket_relays_frames_after_identity_and_policy(make_mesh, upst
     await a.start()
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(a.outbound_url.replace("http", "ws") + "/b/ws") as ws:
+            assert ws._response.headers["x-sidecar-attempts"] == "1"
             await ws.send_str("hello")
             assert (await ws.receive(timeout=10)).data == "echo:hello"
             await ws.send_bytes(b"\x01\x02\x03")
@@ -41,6 +42,9 @@ async def test_websocket_relays_frames_after_identity_and_policy(make_mesh, upst
         with pytest.raises(aiohttp.WSServerHandshakeError) as denied:
             await session.ws_connect(a.outbound_url.replace("http", "ws") + "/b/other")
         assert denied.value.status == 403
+        assert denied.value.headers is not None
+        assert denied.value.headers["x-sidecar-reason"] == "policy_denied"
+        assert denied.value.headers["x-sidecar-attempts"] == "1"
         # And so does the token check, straight at b's inbound port.
         with pytest.raises(aiohttp.WSServerHandshakeError) as missing:
             await session.ws_connect(b.inbound_url.replace("http", "ws") + "/ws")
