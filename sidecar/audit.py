@@ -149,6 +149,28 @@ class AuditLog:
         async with self._lock:
             await self._drain()
 
+    async def reopen(self) -> None:
+        """Close and open `path` again (SIGHUP), for log rotation.
+
+        Everything recorded so far goes to the old file. If the file at `path`
+        is new (rotated away), the chain starts afresh there with 64 zeros;
+        if it is the same file, the chain simply goes on. The switch itself is
+        synchronous, so no record can land between the two chains.
+        """
+        if self.path is None or self._fd is None or self._closing:
+            return
+        async with self._lock:
+            await self._drain()
+            # Records made while the drain awaited belong to the old chain.
+            if self._queue:
+                _write_all(self._fd, self._lead + b"".join(self._queue))
+                self._queue, self._lead = [], b""
+            old = self._fd
+            self._fd, last_line, ends_cleanly = _open(self.path)
+            self._prev_hash = _chain_head(last_line)
+            self._lead = b"" if ends_cleanly else b"\n"
+            os.close(old)
+
     async def close(self) -> None:
         """Write everything queued, stop the writer and close the file."""
         if self._closing:

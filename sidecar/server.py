@@ -240,6 +240,9 @@ class Sidecar:
             return False
         self._reload_state(new)
         self.config = new
+        assert self.shared is not None
+        # A rotated audit file is picked up: the new file starts its own chain.
+        self.tasks.start("audit-reopen", self.shared.audit.reopen())
         self.stacks = stacks
         log.info("config reloaded", extra={"services": sorted(new.services),
                                            "policy_rules": len(new.inbound.policy or ())})

@@ -162,3 +162,30 @@ async def test_reload_keeps_restart_only_settings_and_says_so(make_mesh, upstrea
         async with session.get(b.admin_url + "/admin/config") as response:
             assert (await response.json())["limits"]["max_headers"] == 100
     assert "apply after a restart" in b.logs()
+
+
+async def test_sighup_reopens_a_rotated_audit_file(make_mesh, upstreams):
+    import subprocess
+    import sys
+
+    a, b, _app_b = await two_sidecars(make_mesh, upstreams)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(a.outbound_url + "/b/claims/1") as response:
+            assert response.status == 200
+        await wait_for_audit(b, 1)
+        rotated = b.audit_path.with_suffix(".1")
+        b.audit_path.rename(rotated)
+        b.signal(signal.SIGHUP)
+        for _ in range(100):
+            async with session.get(a.outbound_url + "/b/claims/2") as response:
+                assert response.status == 200
+            if b.audit_path.exists():
+                break
+            await asyncio.sleep(0.05)
+    await b.stop()
+    for path in (rotated, b.audit_path):
+        result = subprocess.run([sys.executable, "-m", "sidecar", "audit", "verify", str(path)],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+    first = json.loads(b.audit_path.read_text().splitlines()[0])
+    assert first["prev_hash"] == "0" * 64

@@ -302,3 +302,36 @@ async def test_verify_empty_and_missing_files(tmp_path: Path) -> None:
     ok, line, message = verify_file(tmp_path / "missing.jsonl")
     assert (ok, line) == (False, None)
     assert "cannot read" in message
+
+
+async def test_reopen_after_rotation_starts_a_new_verified_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, clock=FakeClock())
+    await log.start()
+    for _ in range(3):
+        log.record(**_FIELDS_FOR_ROTATION)
+    await log.flush()
+    rotated = tmp_path / "audit.jsonl.1"
+    path.rename(rotated)
+    log.record(**_FIELDS_FOR_ROTATION)  # still bound for the old file
+    await log.reopen()
+    for _ in range(2):
+        log.record(**_FIELDS_FOR_ROTATION)
+    await log.close()
+    assert len(rotated.read_text().splitlines()) == 4
+    assert len(path.read_text().splitlines()) == 2
+    assert verify_file(rotated)[0] and verify_file(path)[0]
+    # Reopening the same file just continues its chain.
+    again = AuditLog(path, clock=FakeClock())
+    await again.start()
+    await again.reopen()
+    again.record(**_FIELDS_FOR_ROTATION)
+    await again.close()
+    assert verify_file(path) == (True, None, "intact: 3 records")
+
+
+_FIELDS_FOR_ROTATION = dict(
+    direction="inbound", source="a", target="b", method="GET", route="/claims/{id}",
+    status=200, decision="allowed", reason=None, duration_ms=1.0, attempts=1,
+    trace_id="ab" * 16,
+)
