@@ -19,6 +19,7 @@ DENIALS = frozenset({
 })
 # nginx's code for "the client closed the connection before the answer".
 CLIENT_CLOSED = Reply(status=499, headers=CIMultiDict())
+FAILED_HERE = Reply(status=500, headers=CIMultiDict())
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}$")
 
 
@@ -46,6 +47,10 @@ def record_decision(*, log: AuditLog, clock: Clock = SYSTEM_CLOCK) -> Layer:
         except asyncio.CancelledError:
             # The caller went away before the answer: still one record, as 499.
             _write(call, CLIENT_CLOSED)
+            raise
+        except Exception:
+            # Nothing answered it but the server's last resort: still one record.
+            _write(call, FAILED_HERE)
             raise
         _write(call, reply)
         return reply

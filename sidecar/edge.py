@@ -17,16 +17,12 @@ from multidict import CIMultiDict
 from sidecar import websocket
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.headers import SOURCE, TIMEOUT_MS, forwardable
-from sidecar.stack import Body, Call, Direction, Handler, Reply
+from sidecar.stack import Body, BodyTooLarge, Call, Direction, Handler, Reply
 
 log = logging.getLogger("sidecar.edge")
 
 
 LONGEST_HEADER_LINE = "longest_header_line"
-
-
-class BodyTooLarge(Exception):
-    """The request body passed `limits.max_request_body` while streaming."""
 
 
 def request_body(request: web.BaseRequest, limit: int) -> Body:
@@ -79,22 +75,38 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
 async def write(request: web.BaseRequest, reply: Reply, *,
                 extra: Callable[[Reply, CIMultiDict[str]], None] | None = None,
                 close: bool = False) -> web.StreamResponse:
-    """Send `reply` to the client, streaming its body."""
+    """Send `reply` to the client, streaming its body.
+
+    However it ends (the client gone, the upstream cut), the upstream
+    connection behind `reply` is released.
+    """
+    try:
+        return await _write(request, reply, extra=extra, close=close)
+    finally:
+        reply.discard()
+
+
+async def _write(request: web.BaseRequest, reply: Reply, *,
+                 extra: Callable[[Reply, CIMultiDict[str]], None] | None,
+                 close: bool) -> web.StreamResponse:
     headers = forwardable(reply.headers, drop_sidecar=False)
     length = headers.popall("Content-Length", None)
     if extra is not None:
         extra(reply, headers)
     response = web.StreamResponse(status=reply.status, headers=headers)
+    head = request.method == "HEAD"
     if isinstance(reply.body, bytes):
         response.content_length = len(reply.body)
-    elif length and request.method != "HEAD":
+    elif length and not head:
         response.content_length = int(length[0])
     elif length:
         response.headers["Content-Length"] = length[0]
     if close:
         response.force_close()
     await response.prepare(request)
-    if isinstance(reply.body, bytes):
+    if head:
+        pass  # a HEAD answer has headers only, whoever made it
+    elif isinstance(reply.body, bytes):
         await response.write(reply.body)
     else:
         try:

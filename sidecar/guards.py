@@ -6,8 +6,8 @@ import asyncio
 import logging
 
 from sidecar import problem
-from sidecar.edge import LONGEST_HEADER_LINE, BodyTooLarge
-from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
+from sidecar.edge import LONGEST_HEADER_LINE
+from sidecar.stack import BodyTooLarge, Call, Handler, Layer, Reply, UpstreamError
 
 log = logging.getLogger("sidecar")
 

@@ -175,6 +175,14 @@ def compose(*layers: Layer, terminal: Handler) -> Handler:
     return handler
 
 
+class BodyTooLarge(Exception):
+    """The request body passed `limits.max_request_body` while streaming.
+
+    The client's doing, not the upstream's: no retry, breaker or outlier
+    detection counts it.
+    """
+
+
 class UpstreamError(Exception):
     """A call to an upstream failed before a response began.
 

@@ -16,7 +16,7 @@ from yarl import URL
 
 from sidecar import websocket
 from sidecar.headers import REASON, forwardable
-from sidecar.stack import Call, Handler, Reply, UpstreamError
+from sidecar.stack import BodyTooLarge, Call, Handler, Reply, UpstreamError
 
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
@@ -68,9 +68,16 @@ async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
         raise UpstreamError("connect-failure", sent=False) from exc
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
             aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
+        if _caused_by(exc, BodyTooLarge):
+            raise BodyTooLarge from exc
         raise UpstreamError("reset", sent=True) from exc
     except aiohttp.ServerTimeoutError as exc:
         raise UpstreamError("connect-failure", sent=False) from exc
+    except aiohttp.ClientConnectionError as exc:
+        # Sending failed part way; when it was our own body limit, say so.
+        if _caused_by(exc, BodyTooLarge):
+            raise BodyTooLarge from exc
+        raise UpstreamError("reset", sent=True) from exc
     reply_headers: CIMultiDict[str] = CIMultiDict(response.headers)
     return Reply(
         status=response.status,
@@ -79,6 +86,15 @@ async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
         reason=reply_headers.get(REASON),
         release=response.release,
     )
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 async def _stream(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

@@ -12,7 +12,6 @@ from sidecar import guards
 from sidecar.audit import AuditLog
 from sidecar.auditing import record_decision, trace_id
 from sidecar.clock import FakeClock
-from sidecar.edge import BodyTooLarge
 from sidecar.headers import forwardable
 from sidecar.identity import keys
 from sidecar.identity.layers import attach_token, authorize, verify_token
@@ -22,7 +21,7 @@ from sidecar.outbound.routing import ABSOLUTE_HOST, Target, resolve, route
 from sidecar.paths import RouteTable
 from sidecar.policy import Policy
 from sidecar.settings import PolicyRule, Service
-from sidecar.stack import Body, Call, Reply, UpstreamError
+from sidecar.stack import Body, BodyTooLarge, Call, Reply, UpstreamError
 
 LOCAL = frozenset({"localhost", "127.0.0.1"})
 
