@@ -33,6 +33,10 @@ def request_body(request: web.BaseRequest, limit: int) -> Body:
 
 async def _limited(request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
     seen = 0
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        # The client waits for this before sending the body; it is sent only
+        # once a layer wants the body, so refusals come before any upload.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     async for chunk in request.content.iter_any():
         seen += len(chunk)
         if seen > limit:
@@ -50,7 +54,9 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
         query=url.raw_query_string,
         # Only the deadline header may come in; `baggage` never travels on, and
         # only the sidecar names the caller.
-        headers=forwardable(request.headers, drop=("baggage", SOURCE), keep=(TIMEOUT_MS,)),
+        # `Expect` is answered here, hop by hop.
+        headers=forwardable(request.headers, drop=("baggage", SOURCE, "Expect"),
+                            keep=(TIMEOUT_MS,)),
         body=request_body(request, body_limit),
         source=source,
         target=target,

@@ -146,7 +146,9 @@ async def start(handler: RawHandler, host: str, port: int, *, limits: Limits,
     """Listen on host:port; `answer_headers` go on every answer made while parsing."""
     server = GuardedServer(handler, limits=limits, on_refused=on_refused,
                            answer_headers=answer_headers)
-    runner = web.ServerRunner(server, handle_signals=False)
+    # The drain has already waited up to drain_timeout when the runner is
+    # cleaned up: what is still running then is cut at once.
+    runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
     await site.start()

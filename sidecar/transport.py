@@ -18,6 +18,7 @@ from sidecar import websocket
 from sidecar.headers import REASON, forwardable
 from sidecar.stack import BodyTooLarge, Call, Handler, Reply, UpstreamError
 
+MAX_RESPONSE_HEADER_LINE = 64 * 1024
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
@@ -39,6 +40,9 @@ def new_session(*, connect_timeout: float = 1.0, idle: float = 30.0) -> aiohttp.
         cookie_jar=aiohttp.DummyCookieJar(),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
         skip_auto_headers=SKIP_AUTO_HEADERS,
+        # Upstream answers may carry long header lines (cookies, CSPs).
+        max_line_size=MAX_RESPONSE_HEADER_LINE,
+        max_field_size=MAX_RESPONSE_HEADER_LINE,
     )
     # aiohttp silently sends GET, PUT, DELETE, ... a second time after a reset
     # or disconnect. That hidden retry would bypass `retry` (its attempt count,
@@ -66,8 +70,11 @@ async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
         )
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamError("connect-failure", sent=False) from exc
+    except aiohttp.ClientResponseError as exc:
+        # The upstream's answer could not be parsed: sending it again will not help.
+        raise UpstreamError("bad-response", sent=True) from exc
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-            aiohttp.ClientPayloadError, aiohttp.ClientResponseError) as exc:
+            aiohttp.ClientPayloadError) as exc:
         if _caused_by(exc, BodyTooLarge):
             raise BodyTooLarge from exc
         raise UpstreamError("reset", sent=True) from exc

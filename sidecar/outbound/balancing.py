@@ -33,14 +33,18 @@ class Pools:
         self._session = session
         self._on_eject = on_eject
         self._pools: dict[str, tuple[Service, Endpoints, asyncio.Task[None] | None]] = {}
+        self._retired: dict[str, Endpoints] = {}
 
     def reload(self, services: Mapping[str, Service]) -> None:
         kept = {}
         for name, (service, pool, task) in self._pools.items():
             if services.get(name) == service:
                 kept[name] = (service, pool, task)
-            elif task is not None:
-                task.cancel()
+            else:
+                # Calls begun under the old config may still retry to it.
+                self._retired[name] = pool
+                if task is not None:
+                    task.cancel()
         self._pools = kept
         for name, service in services.items():
             if name not in self._pools:
@@ -54,7 +58,8 @@ class Pools:
                 self._pools[name] = (service, pool, task)
 
     def for_service(self, name: str) -> Endpoints:
-        return self._pools[name][1]
+        held = self._pools.get(name)
+        return held[1] if held is not None else self._retired[name]
 
     def state(self, name: str) -> list[dict[str, object]]:
         held = self._pools.get(name)

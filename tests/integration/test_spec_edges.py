@@ -189,3 +189,106 @@ async def test_sighup_reopens_a_rotated_audit_file(make_mesh, upstreams):
         assert result.returncode == 0, result.stdout + result.stderr
     first = json.loads(b.audit_path.read_text().splitlines()[0])
     assert first["prev_hash"] == "0" * 64
+
+
+async def test_head_answers_carry_no_body_and_leave_the_connection_usable(make_mesh, upstreams):
+    a, _b, app_b = await two_sidecars(make_mesh, upstreams)
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.head(a.outbound_url + "/b/denied") as response:
+                assert response.status == 403
+                assert response.headers["x-sidecar-attempts"] == "1"
+            async with session.post(a.outbound_url + "/b/claims/1", data=b"x") as response:
+                assert response.status == 200
+                assert response.headers["x-sidecar-attempts"] == "1"
+    reply = await raw(a.outbound, b"HEAD /nowhere/x HTTP/1.1\r\nHost: localhost\r\n"
+                                  b"Connection: close\r\n\r\n")
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404") and body == b""
+    assert app_b.paths() == ["/claims/1"] * 3
+
+
+async def test_expect_100_continue_uploads_go_through(make_mesh, upstreams):
+    a, _b, app_b = await two_sidecars(make_mesh, upstreams)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(a.outbound_url + "/b/claims/1", data=b"y" * 200_000,
+                                expect100=True) as response:
+            assert response.status == 200
+            assert response.headers["x-sidecar-attempts"] == "1"
+    assert len(app_b.seen[0].body) == 200_000
+    assert "expect" not in app_b.seen[0].headers
+
+
+async def test_a_body_over_the_limit_mid_stream_is_413_and_no_upstream_failure(
+    make_mesh, upstreams
+):
+    mesh = make_mesh(["a"])
+    outside = await upstreams().start()
+    a = mesh.sidecar("a", services={"payer": {
+        "endpoints": [outside.url], "mesh": False,
+        "circuit_breaker": {"failure_threshold": 1},
+    }}, limits={"max_request_body": "64KiB"})
+    await a.start()
+
+    async def chunks():
+        for _ in range(64):
+            yield b"z" * 4096
+
+    async with aiohttp.ClientSession() as session:
+        for _ in range(2):
+            async with session.post(a.outbound_url + "/payer/x", data=chunks()) as response:
+                assert response.status == 413
+                assert response.headers["x-sidecar-reason"] == "body_too_large"
+        # The client's oversized body is not the upstream's failure: the breaker stays closed.
+        async with session.get(a.outbound_url + "/payer/ok") as response:
+            assert response.status == 200
+    records = await wait_for_audit(a, 3)
+    assert [r["status"] for r in records] == [413, 413, 200]
+
+
+async def test_long_response_header_lines_pass(make_mesh, upstreams):
+    from aiohttp import web
+
+    mesh = make_mesh(["a"])
+
+    async def big_header(request):
+        return web.json_response({}, headers={"x-policy": "p" * 16000})
+
+    outside = await upstreams(script=big_header).start()
+    a = mesh.sidecar("a", services={"payer": {"endpoints": [outside.url], "mesh": False}})
+    await a.start()
+    async with aiohttp.ClientSession(max_field_size=32_000) as session:
+        async with session.get(a.outbound_url + "/payer/x") as response:
+            assert response.status == 200
+            assert len(response.headers["x-policy"]) == 16000
+            assert response.headers["x-sidecar-attempts"] == "1"
+    assert len(outside.seen) == 1
+
+
+async def test_drain_timeout_bounds_the_exit_even_with_a_stream_in_flight(
+    make_mesh, upstreams
+):
+    from aiohttp import web
+
+    mesh = make_mesh(["a"])
+
+    async def endless(request):
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(200):
+            await response.write(b"." * 100)
+            await asyncio.sleep(0.1)
+        return response
+
+    outside = await upstreams(script=endless).start()
+    a = mesh.sidecar("a", services={"payer": {"endpoints": [outside.url], "mesh": False,
+                                              "timeout": "60s"}},
+                     drain_timeout="1s")
+    await a.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(a.outbound_url + "/payer/stream") as response:
+            assert response.status == 200
+            await response.content.read(100)
+            a.signal(signal.SIGTERM)
+            # The stream takes 20 s; the sidecar leaves after its 1 s drain.
+            assert await a.wait_exit(timeout=10) == 0
