@@ -12,12 +12,13 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from multidict import CIMultiDict
 
 from sidecar import websocket
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.headers import SOURCE, TIMEOUT_MS, forwardable
-from sidecar.stack import Body, BodyTooLarge, Call, Direction, Handler, Reply
+from sidecar.stack import Body, BodyTooLarge, Call, Direction, Handler, MalformedBody, Reply
 
 log = logging.getLogger("sidecar.edge")
 
@@ -37,11 +38,14 @@ async def _limited(request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]
         # The client waits for this before sending the body; it is sent only
         # once a layer wants the body, so refusals come before any upload.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    async for chunk in request.content.iter_any():
-        seen += len(chunk)
-        if seen > limit:
-            raise BodyTooLarge
-        yield chunk
+    try:
+        async for chunk in request.content.iter_any():
+            seen += len(chunk)
+            if seen > limit:
+                raise BodyTooLarge
+            yield chunk
+    except BadHttpMessage as exc:
+        raise MalformedBody from exc
 
 
 def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,

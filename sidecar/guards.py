@@ -7,7 +7,15 @@ import logging
 
 from sidecar import problem
 from sidecar.edge import LONGEST_HEADER_LINE
-from sidecar.stack import BodyTooLarge, Call, Handler, Layer, Reply, UpstreamError
+from sidecar.stack import (
+    BodyTooLarge,
+    Call,
+    Handler,
+    Layer,
+    Reply,
+    RequestBodyError,
+    UpstreamError,
+)
 
 log = logging.getLogger("sidecar")
 
@@ -55,7 +63,8 @@ def check_headers(*, max_header_line: int) -> Layer:
 
 def check_body(*, max_request_body: int) -> Layer:
     """Refuses a body over the limit with 413 `body_too_large`: at once when
-    Content-Length says so, or as soon as a streamed body passes it."""
+    Content-Length says so, or as soon as a streamed body passes it. A body
+    whose framing breaks mid-stream is 400 `bad_request`."""
 
     async def check_body_layer(call: Call, next: Handler) -> Reply:
         if call.body.length is not None and call.body.length > max_request_body:
@@ -64,22 +73,14 @@ def check_body(*, max_request_body: int) -> Layer:
             return await next(call)
         except BodyTooLarge:
             return _too_large(max_request_body)
-        except UpstreamError as exc:
-            # The transport saw the body's stream fail: was it our own limit?
-            if _caused_by_body(exc):
-                return _too_large(max_request_body)
-            raise
+        except RequestBodyError:
+            return problem.reply(
+                "bad_request",
+                "The request body is not well-formed (its chunked framing broke). "
+                "The connection is closed.",
+            )
 
     return check_body_layer
-
-
-def _caused_by_body(exc: BaseException) -> bool:
-    seen = exc.__cause__ or exc.__context__
-    while seen is not None:
-        if isinstance(seen, BodyTooLarge):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def answer_failures(*, who: str) -> Layer:
@@ -93,8 +94,6 @@ def answer_failures(*, who: str) -> Layer:
         try:
             return await next(call)
         except UpstreamError as exc:
-            if _caused_by_body(exc):
-                raise
             if exc.kind == "connect-failure":
                 return problem.reply(
                     "upstream_connect_failure",

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web, web_protocol
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from sidecar import problem
 from sidecar.settings import Limits
@@ -52,9 +52,24 @@ class GuardedProtocol(web_protocol.RequestHandler):
         super().data_received(data)
         if self._request_count != count:
             self._cancel_header_timer()
+            self._fail_body_in_progress()
         elif (data and self._header_timer is None and not self._request_in_progress
               and not self._messages):
             self._start_header_timer()
+
+    def _fail_body_in_progress(self) -> None:
+        """A parse error in the middle of a body (a bad chunk) ends that body.
+
+        aiohttp queues the error as the next message but leaves the body being
+        read waiting for bytes that will never come; fail it so the call ends
+        now, as a bad request, instead of at its timeout.
+        """
+        request = self._current_request
+        if not self._request_in_progress or request is None or not self._messages:
+            return
+        error = self._messages[-1][0]
+        if isinstance(error, web_protocol._ErrInfo) and not request.content.at_eof():
+            request.content.set_exception(BadHttpMessage(error.message))
 
     def _start_header_timer(self) -> None:
         loop = asyncio.get_running_loop()

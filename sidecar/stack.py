@@ -175,12 +175,24 @@ def compose(*layers: Layer, terminal: Handler) -> Handler:
     return handler
 
 
-class BodyTooLarge(Exception):
-    """The request body passed `limits.max_request_body` while streaming.
+class RequestBodyError(Exception):
+    """The client's request body failed while streaming (`reason` says how).
 
     The client's doing, not the upstream's: no retry, breaker or outlier
     detection counts it.
     """
+
+    reason = "bad_request"
+
+
+class BodyTooLarge(RequestBodyError):
+    """The request body passed `limits.max_request_body` while streaming."""
+
+    reason = "body_too_large"
+
+
+class MalformedBody(RequestBodyError):
+    """The request body's framing broke mid-stream (a bad chunk)."""
 
 
 class UpstreamError(Exception):

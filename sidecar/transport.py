@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
@@ -16,7 +17,9 @@ from yarl import URL
 
 from sidecar import websocket
 from sidecar.headers import REASON, forwardable
-from sidecar.stack import BodyTooLarge, Call, Handler, Reply, UpstreamError
+from sidecar.stack import Call, Handler, Reply, RequestBodyError, UpstreamError
+
+E = TypeVar("E", bound=BaseException)
 
 MAX_RESPONSE_HEADER_LINE = 64 * 1024
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
@@ -75,15 +78,17 @@ async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
         raise UpstreamError("bad-response", sent=True) from exc
     except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
             aiohttp.ClientPayloadError) as exc:
-        if _caused_by(exc, BodyTooLarge):
-            raise BodyTooLarge from exc
+        body_error = _cause(exc, RequestBodyError)
+        if body_error is not None:
+            raise body_error from exc
         raise UpstreamError("reset", sent=True) from exc
     except aiohttp.ServerTimeoutError as exc:
         raise UpstreamError("connect-failure", sent=False) from exc
     except aiohttp.ClientConnectionError as exc:
         # Sending failed part way; when it was our own body limit, say so.
-        if _caused_by(exc, BodyTooLarge):
-            raise BodyTooLarge from exc
+        body_error = _cause(exc, RequestBodyError)
+        if body_error is not None:
+            raise body_error from exc
         raise UpstreamError("reset", sent=True) from exc
     reply_headers: CIMultiDict[str] = CIMultiDict(response.headers)
     return Reply(
@@ -95,13 +100,14 @@ async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
     )
 
 
-def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+def _cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of `kind` in the chain of causes of `exc`."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, kind):
-            return True
+            return seen
         seen = seen.__cause__ or seen.__context__
-    return False
+    return None
 
 
 async def _stream(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

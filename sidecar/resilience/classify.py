@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 
-from sidecar.stack import BodyTooLarge, Reply, UpstreamError
+from sidecar.stack import Reply, RequestBodyError, UpstreamError
 
 # The sidecar's own refusals: no upstream was asked, so nothing is learnt about it.
 REFUSALS = frozenset({"bulkhead_full", "circuit_open"})
@@ -45,7 +45,7 @@ def failure_kind(result: Reply | BaseException) -> str | None:
         return str(result.status)
     if isinstance(result, UpstreamError):
         return result.kind
-    if isinstance(result, BodyTooLarge):
+    if isinstance(result, RequestBodyError):
         return None  # the client's body, not the upstream, failed
     if isinstance(result, Exception):
         # Not one of the transport's mapped failures: still a failure, never retried.

@@ -292,3 +292,17 @@ async def test_drain_timeout_bounds_the_exit_even_with_a_stream_in_flight(
             a.signal(signal.SIGTERM)
             # The stream takes 20 s; the sidecar leaves after its 1 s drain.
             assert await a.wait_exit(timeout=10) == 0
+
+
+async def test_a_chunked_body_that_breaks_mid_stream_is_a_bad_request(make_mesh, upstreams):
+    a, _b, _app_b = await two_sidecars(make_mesh, upstreams)
+    chunk = b"x" * 65536
+    body = (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 4 + b"zz-not-a-size\r\n\r\n"
+    reply = await raw(a.outbound, b"POST /b/claims/1 HTTP/1.1\r\nHost: localhost\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n" + body)
+    assert reply.split(b"\r\n")[0].split(b" ")[1] == b"400"
+    assert b"x-sidecar-reason: bad_request" in reply
+    # The client's broken body is no failure of b's: the next call goes through.
+    async with aiohttp.ClientSession() as session:
+        async with session.get(a.outbound_url + "/b/claims/2") as response:
+            assert response.status == 200

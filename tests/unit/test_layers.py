@@ -21,7 +21,7 @@ from sidecar.outbound.routing import ABSOLUTE_HOST, Target, resolve, route
 from sidecar.paths import RouteTable
 from sidecar.policy import Policy
 from sidecar.settings import PolicyRule, Service
-from sidecar.stack import Body, BodyTooLarge, Call, Reply, UpstreamError
+from sidecar.stack import Body, BodyTooLarge, Call, MalformedBody, Reply, UpstreamError
 
 LOCAL = frozenset({"localhost", "127.0.0.1"})
 
@@ -210,13 +210,10 @@ async def test_check_body_refuses_by_length_and_while_streaming() -> None:
     assert (await layer(big, downstream)).status == 413
     assert downstream.calls == []
     streaming = call("/x", method="POST")
-    try:
-        raise BodyTooLarge
-    except BodyTooLarge as cause:
-        error = UpstreamError("reset", sent=True)
-        error.__cause__ = cause
-    reply = await layer(streaming, Next(error))
+    reply = await layer(streaming, Next(BodyTooLarge()))
     assert reply.status == 413 and reply.reason == "body_too_large"
+    broken = await layer(call("/x", method="POST"), Next(MalformedBody()))
+    assert broken.status == 400 and broken.reason == "bad_request"
 
 
 # -- audit layer -------------------------------------------------------------------
