@@ -36,6 +36,7 @@ log = logging.getLogger("sidecar")
 # Settings a reload cannot change in a running process (SPEC: listen addresses
 # are kept until a restart; limits, audit file and tracing live in the listeners,
 # the audit log and the tracer, which are built once).
+MESH_HEADERS = 8
 RESTART_ONLY = ("service", "listen", "limits", "audit", "tracing")
 
 
@@ -86,7 +87,10 @@ class Sidecar:
         self._reload_state(config)
         self.stacks = self._build(config)
         limits = config.limits
-        await self._listen("inbound", self._inbound, config.listen.inbound, limits)
+        # The calling sidecar adds a few headers of its own (token, trace
+        # context, deadline): a call within the limit at its app stays within it here.
+        inbound_limits = replace(limits, max_headers=limits.max_headers + MESH_HEADERS)
+        await self._listen("inbound", self._inbound, config.listen.inbound, inbound_limits)
         await self._listen("outbound", self._outbound, config.listen.outbound, limits)
         admin = web.AppRunner(admin_app(self), handle_signals=False, access_log=None,
                               shutdown_timeout=1.0)
