@@ -25,7 +25,7 @@ class Body:
     the stream and the body can be sent exactly once.
     """
 
-    __slots__ = ("_consumed", "_head", "_stream", "complete", "length")
+    __slots__ = ("_consumed", "_head", "_reading", "_stream", "_watchers", "complete", "length")
 
     def __init__(
         self,
@@ -38,6 +38,8 @@ class Body:
         self.complete = stream is None
         self.length = length if length is not None else (len(self._head) if self.complete else None)
         self._consumed = False
+        self._reading = False
+        self._watchers: list[tuple[Callable[[], None], Callable[[], None]]] = []
 
     @classmethod
     def empty(cls) -> Body:
@@ -51,6 +53,30 @@ class Body:
     def is_empty(self) -> bool:
         return self.complete and not self._head
 
+    def watch(self, on_start: Callable[[], None], on_end: Callable[[], None]) -> None:
+        """Be told when reading the body from the client begins and when it is all in.
+
+        Timers use this to stand still while the client is still sending: that
+        time is the client's, not the upstream's. A body already complete calls
+        neither; one already being read calls `on_start` at once.
+        """
+        if self.complete:
+            return
+        if self._reading:
+            on_start()
+        self._watchers.append((on_start, on_end))
+
+    def _begin(self) -> None:
+        if not self._reading:
+            self._reading = True
+            for on_start, _ in self._watchers:
+                on_start()
+
+    def _end(self) -> None:
+        watchers, self._watchers = self._watchers, []
+        for _, on_end in watchers:
+            on_end()
+
     async def buffer(self, limit: int) -> bool:
         """Read up to `limit` bytes into memory; True if the whole body is now held."""
         if self.complete:
@@ -60,6 +86,7 @@ class Body:
         assert self._stream is not None
         parts = [self._head]
         size = len(self._head)
+        self._begin()
         async for chunk in self._stream:
             parts.append(chunk)
             size += len(chunk)
@@ -69,6 +96,7 @@ class Body:
         self._head = b"".join(parts)
         self.complete = True
         self.length = size
+        self._end()
         return True
 
     def payload(self) -> bytes | AsyncIterator[bytes]:
@@ -81,11 +109,13 @@ class Body:
         return self._chain()
 
     async def _chain(self) -> AsyncIterator[bytes]:
+        self._begin()
         if self._head:
             yield self._head
         assert self._stream is not None
         async for chunk in self._stream:
             yield chunk
+        self._end()
 
     @property
     def held(self) -> bytes:

@@ -8,7 +8,7 @@ from sidecar import problem
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.headers import TIMEOUT_MS
 from sidecar.paths import BadPath, RouteTable, normalise
-from sidecar.resilience.deadline import asked_timeout
+from sidecar.resilience.deadline import asked_timeout, pause_while_receiving
 from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
 
 
@@ -49,10 +49,19 @@ def hold_deadline(*, timeout: float, clock: Clock = SYSTEM_CLOCK) -> Layer:
                 budget = min(budget, asked)
         call.deadline = clock.monotonic() + budget
         call.attempts = 1  # the one call to the app
+
+        def restart() -> float:
+            call.deadline = clock.monotonic() + budget
+            return budget
+
+        scope = asyncio.timeout(budget)
         try:
-            async with asyncio.timeout(budget):
+            async with scope:
+                pause_while_receiving(call, scope, restart=restart)
                 return await next(call)
         except TimeoutError:
+            if not scope.expired():
+                raise
             raise UpstreamError("timeout", sent=True) from None
 
     return hold_deadline_layer

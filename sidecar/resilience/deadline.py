@@ -9,6 +9,7 @@ exchange and tells the far sidecar how long this attempt may take.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from sidecar import problem
 from sidecar.clock import Clock
@@ -68,8 +69,17 @@ def deadline(*, timeout: PerService[float], clock: Clock) -> Layer:
         ends = clock.monotonic() + limit
         call.deadline = ends if call.deadline is None else min(call.deadline, ends)
         scope = asyncio.timeout(remaining(call, clock))
+
+        def restart() -> float:
+            call.deadline = clock.monotonic() + limit
+            return limit
+
+        def pause() -> None:
+            call.deadline = None
+
         try:
             async with scope:
+                pause_while_receiving(call, scope, restart=restart, pause=pause)
                 return await next(call)
         except TimeoutError:
             if not scope.expired():
@@ -112,11 +122,8 @@ def per_attempt(
     mesh_for = per_service(in_mesh)
 
     async def per_attempt_layer(call: Call, next: Handler) -> Reply:
-        bound = per_try_for(call.target)
-        left = remaining(call, clock)
-        by_deadline = left is not None and left <= bound
-        if left is not None and by_deadline:
-            bound = left
+        per_try = per_try_for(call.target)
+        bound, by_deadline = _attempt_bound(per_try, remaining(call, clock))
         if bound <= 0:
             raise UpstreamError("timeout", sent=False)
         call.headers.popall(TIMEOUT_HEADER, None)
@@ -126,8 +133,15 @@ def per_attempt(
             margin = min(FAR_SIDE_MARGIN, bound / 10)
             call.headers[TIMEOUT_HEADER] = str(max(1, int((bound - margin) * 1000)))
         scope = asyncio.timeout(bound)
+
+        def restart() -> float:
+            nonlocal by_deadline
+            seconds, by_deadline = _attempt_bound(per_try, remaining(call, clock))
+            return seconds
+
         try:
             async with scope:
+                pause_while_receiving(call, scope, restart=restart)
                 return await next(call)
         except TimeoutError:
             if not scope.expired():
@@ -136,3 +150,43 @@ def per_attempt(
             raise UpstreamError(kind, sent=True) from None
 
     return per_attempt_layer
+
+
+def _attempt_bound(per_try: float, left: float | None) -> tuple[float, bool]:
+    """The attempt's bound, and whether the call's deadline is what sets it."""
+    if left is not None and left <= per_try:
+        return left, True
+    return per_try, False
+
+
+def pause_while_receiving(
+    call: Call,
+    scope: asyncio.Timeout,
+    *,
+    restart: Callable[[], float],
+    pause: Callable[[], None] | None = None,
+) -> None:
+    """While the client is still sending the request body, `scope` stands still.
+
+    Time spent waiting on the client is not the upstream's (Envoy likewise
+    starts its route timeout once the request is in): a slow upload is not
+    cut short and counts against no breaker. When the body is all in, the
+    scope ends `restart()` seconds later.
+    """
+
+    def stop() -> None:
+        if pause is not None:
+            pause()
+        _reschedule(scope, None)
+
+    def start() -> None:
+        _reschedule(scope, asyncio.get_running_loop().time() + restart())
+
+    call.body.watch(stop, start)
+
+
+def _reschedule(scope: asyncio.Timeout, when: float | None) -> None:
+    try:
+        scope.reschedule(when)
+    except RuntimeError:
+        pass  # the scope has already ended: nothing left to time

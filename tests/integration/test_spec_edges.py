@@ -306,3 +306,36 @@ async def test_a_chunked_body_that_breaks_mid_stream_is_a_bad_request(make_mesh,
     async with aiohttp.ClientSession() as session:
         async with session.get(a.outbound_url + "/b/claims/2") as response:
             assert response.status == 200
+
+
+async def test_a_slow_upload_is_not_timed_but_a_slow_answer_after_it_is(make_mesh, upstreams):
+    from aiohttp import web
+
+    mesh = make_mesh(["a", "b"])
+
+    async def answer(request):
+        body = await request.read()
+        if request.path == "/slow":
+            await asyncio.sleep(5)
+        return web.json_response({"received": len(body)})
+
+    app_b = await upstreams(script=answer).start()
+    b = await mesh.sidecar("b", inbound={"app": app_b.url},
+                           defaults={"timeout": "1s"}).start()
+    a = await mesh.sidecar("a", services={"b": {
+        "endpoints": [b.inbound_url], "timeout": "1s",
+        "retry": {"attempts": 1, "per_try_timeout": "500ms"},
+    }}).start()
+
+    async def trickle():
+        for _ in range(8):  # about 2 s of upload, longer than every timeout
+            yield b"u" * 100_000
+            await asyncio.sleep(0.25)
+
+    async with aiohttp.ClientSession() as session:
+        async with session.put(a.outbound_url + "/b/upload", data=trickle()) as response:
+            assert response.status == 200
+            assert (await response.json())["received"] == 800_000
+        async with session.put(a.outbound_url + "/b/slow", data=trickle()) as response:
+            assert response.status == 504
+            assert response.headers["x-sidecar-reason"] == "upstream_timeout"
