@@ -33,11 +33,6 @@ def opened(clock: FakeClock, policy: BreakerPolicy = POLICY) -> Breaker:
     return breaker
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 def test_consecutive_failures_open_it(clock: FakeClock) -> None:
     breaker = Breaker(POLICY, clock)
     breaker.record(Outcome.FAILURE)

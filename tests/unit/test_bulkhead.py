@@ -1,5 +1,5 @@
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import TypeVar
 
 import pytest
@@ -48,11 +48,6 @@ class Gate:
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 def start(work: Awaitable[T]) -> "asyncio.Task[T]":
@@ -150,18 +145,6 @@ async def test_slot_freed_when_the_call_fails(clock: FakeClock) -> None:
     with pytest.raises(RuntimeError):
         await layer(make_call(), broken)
     assert bulkheads.for_service("billing").in_flight == 0
-
-
-@pytest.fixture
-async def loop_on(clock: FakeClock) -> AsyncIterator[FakeClock]:
-    """Runs the event loop's timers on the fake clock, so timeouts fire without waiting."""
-    loop = asyncio.get_running_loop()
-    real_time = loop.time
-    loop.time = clock.monotonic  # type: ignore[method-assign]
-    try:
-        yield clock
-    finally:
-        loop.time = real_time  # type: ignore[method-assign]
 
 
 async def test_wait_ends_at_the_calls_deadline(loop_on: FakeClock) -> None:

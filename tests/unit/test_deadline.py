@@ -1,5 +1,4 @@
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from multidict import CIMultiDict
@@ -29,23 +28,6 @@ def make_call(**headers: str) -> Call:
 
 def ok() -> Reply:
     return Reply(status=200, headers=CIMultiDict())
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-async def loop_on(clock: FakeClock) -> AsyncIterator[FakeClock]:
-    """Runs the event loop's timers on the fake clock, so timeouts fire without waiting."""
-    loop = asyncio.get_running_loop()
-    real_time = loop.time
-    loop.time = clock.monotonic  # type: ignore[method-assign]
-    try:
-        yield clock
-    finally:
-        loop.time = real_time  # type: ignore[method-assign]
 
 
 async def hang_after(clock: FakeClock, seconds: float) -> None:

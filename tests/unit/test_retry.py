@@ -92,11 +92,6 @@ async def run(
     return await retry_layer(call, script)
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 # --- delays ---------------------------------------------------------------------------------
 
 

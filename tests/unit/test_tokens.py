@@ -42,11 +42,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"private": private, "keys": load_keyset(jwks), "dir": out}
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 def verifier(mesh: dict[str, Any], clock: FakeClock, **overrides: Any) -> Verifier:
     settings: dict[str, Any] = {
         "service": TARGET,
