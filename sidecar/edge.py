@@ -8,6 +8,7 @@ response never looks complete.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -84,21 +85,22 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
 
 async def write(request: web.BaseRequest, reply: Reply, *,
                 extra: Callable[[Reply, CIMultiDict[str]], None] | None = None,
-                close: bool = False) -> web.StreamResponse:
+                close: bool = False, idle: float | None = None) -> web.StreamResponse:
     """Send `reply` to the client, streaming its body.
 
     However it ends (the client gone, the upstream cut), the upstream
-    connection behind `reply` is released.
+    connection behind `reply` is released. A streamed body that moves no byte
+    for `idle` seconds, either way, is cut (aborted like a reset).
     """
     try:
-        return await _write(request, reply, extra=extra, close=close)
+        return await _write(request, reply, extra=extra, close=close, idle=idle)
     finally:
         reply.discard()
 
 
 async def _write(request: web.BaseRequest, reply: Reply, *,
                  extra: Callable[[Reply, CIMultiDict[str]], None] | None,
-                 close: bool) -> web.StreamResponse:
+                 close: bool, idle: float | None) -> web.StreamResponse:
     headers = forwardable(reply.headers, drop_sidecar=False)
     length = headers.popall("Content-Length", None)
     if extra is not None:
@@ -120,8 +122,7 @@ async def _write(request: web.BaseRequest, reply: Reply, *,
         await response.write(reply.body)
     else:
         try:
-            async for chunk in reply.body:
-                await response.write(chunk)
+            await _relay(reply.body, response, idle)
         except ConnectionResetError:
             # The upstream broke off after the response began: abort so the
             # client sees a cut connection, never a complete-looking answer.
@@ -132,10 +133,26 @@ async def _write(request: web.BaseRequest, reply: Reply, *,
     return response
 
 
+async def _relay(body: AsyncIterator[bytes], response: web.StreamResponse,
+                 idle: float | None) -> None:
+    """Copy `body` to the client; a stall of `idle` seconds on either side ends it."""
+    chunks = body.__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await anext(chunks)
+            async with asyncio.timeout(idle):
+                await response.write(chunk)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ConnectionResetError("stream idle for too long") from None
+
+
 async def serve(request: web.BaseRequest, handler: Handler, direction: Direction, *,
                 body_limit: int, extra: Callable[[Call, Reply, CIMultiDict[str]], None],
                 closing: Callable[[], bool], source: str = "anonymous", target: str = "",
-                clock: Clock = SYSTEM_CLOCK) -> web.StreamResponse:
+                idle: float | None = None, clock: Clock = SYSTEM_CLOCK) -> web.StreamResponse:
     """Run one request through a stack and answer it."""
     call = to_call(request, direction, body_limit=body_limit, source=source, target=target,
                    clock=clock)
@@ -148,4 +165,5 @@ async def serve(request: web.BaseRequest, handler: Handler, direction: Direction
         request, reply,
         extra=lambda reply, headers: extra(call, reply, headers),
         close=closing() or reply.status == 400 or reply.status == 413,
+        idle=idle,
     )

@@ -165,6 +165,7 @@ class Sidecar:
         return await edge.serve(
             request, self.stacks.outbound, "outbound",
             body_limit=self.config.limits.max_request_body,
+            idle=self.config.limits.idle_timeout,
             extra=_outbound_headers, closing=lambda: False, source=self.config.service,
             clock=self.clock,
         )
@@ -174,6 +175,7 @@ class Sidecar:
         return await edge.serve(
             request, self.stacks.inbound, "inbound",
             body_limit=self.config.limits.max_request_body,
+            idle=self.config.limits.idle_timeout,
             extra=_inbound_headers, closing=lambda: self.draining,
             target=self.config.service, clock=self.clock,
         )

@@ -339,3 +339,33 @@ async def test_a_slow_upload_is_not_timed_but_a_slow_answer_after_it_is(make_mes
         async with session.put(a.outbound_url + "/b/slow", data=trickle()) as response:
             assert response.status == 504
             assert response.headers["x-sidecar-reason"] == "upstream_timeout"
+
+
+async def test_a_stream_that_stalls_past_idle_timeout_is_cut_but_a_slow_one_is_not(
+    make_mesh, upstreams
+):
+    from aiohttp import web
+
+    mesh = make_mesh(["a"])
+
+    async def stream(request):
+        response = web.StreamResponse()
+        await response.prepare(request)
+        pause = 3.0 if request.path == "/stall" else 0.1
+        for _ in range(10):
+            await response.write(b"." * 100)
+            await asyncio.sleep(pause if request.path == "/stall" else 0.1)
+        return response
+
+    outside = await upstreams(script=stream).start()
+    a = mesh.sidecar("a", services={"payer": {"endpoints": [outside.url], "mesh": False,
+                                              "timeout": "60s"}},
+                     limits={"idle_timeout": "600ms"})
+    await a.start()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(a.outbound_url + "/payer/steady") as response:
+            assert len(await response.read()) == 1000
+        async with session.get(a.outbound_url + "/payer/stall") as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
