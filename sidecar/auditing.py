@@ -34,41 +34,44 @@ def trace_id(call: Call) -> str:
     return os.urandom(16).hex()
 
 
-def record_decision(*, log: AuditLog, clock: Clock = SYSTEM_CLOCK) -> Layer:
-    """Outermost but for metrics: writes the record after the answer is known.
+def write_record(log: AuditLog, call: Call, reply: Reply, *, clock: Clock = SYSTEM_CLOCK) -> None:
+    """The audit record of `call` answered by `reply`.
 
     Records only templated routes, service names, codes and numbers: never a
     raw path, query, header value or body.
     """
+    denied = reply.made_here and reply.reason in DENIALS
+    log.record(
+        direction=call.direction,
+        source=call.source,
+        target=call.target,
+        method=safe_method(call.method),
+        route=call.route,
+        status=reply.status,
+        decision="denied" if denied else "allowed",
+        reason=reply.reason,
+        duration_ms=(clock.monotonic() - call.started) * 1000,
+        attempts=call.attempts,
+        trace_id=trace_id(call),
+    )
+
+
+def record_decision(*, log: AuditLog, clock: Clock = SYSTEM_CLOCK) -> Layer:
+    """Outermost but for metrics: writes the record after the answer is known,
+    also when the caller went away (499) or nothing answered (500)."""
 
     async def record_decision_layer(call: Call, next: Handler) -> Reply:
         try:
             reply = await next(call)
         except asyncio.CancelledError:
             # The caller went away before the answer: still one record, as 499.
-            _write(call, CLIENT_CLOSED)
+            write_record(log, call, CLIENT_CLOSED, clock=clock)
             raise
         except Exception:
             # Nothing answered it but the server's last resort: still one record.
-            _write(call, FAILED_HERE)
+            write_record(log, call, FAILED_HERE, clock=clock)
             raise
-        _write(call, reply)
+        write_record(log, call, reply, clock=clock)
         return reply
-
-    def _write(call: Call, reply: Reply) -> None:
-        denied = reply.made_here and reply.reason in DENIALS
-        log.record(
-            direction=call.direction,
-            source=call.source,
-            target=call.target,
-            method=safe_method(call.method),
-            route=call.route,
-            status=reply.status,
-            decision="denied" if denied else "allowed",
-            reason=reply.reason,
-            duration_ms=(clock.monotonic() - call.started) * 1000,
-            attempts=call.attempts,
-            trace_id=trace_id(call),
-        )
 
     return record_decision_layer

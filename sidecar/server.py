@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 from dataclasses import dataclass, replace
 
 from aiohttp import web
 from multidict import CIMultiDict
 
+from sidecar import auditing, edge, listener, transport
 from sidecar import config as config_loader
-from sidecar import edge, listener, transport
 from sidecar.admin import admin_app
 from sidecar.audit import AuditLog
 from sidecar.clock import SYSTEM_CLOCK, Clock
@@ -26,7 +25,7 @@ from sidecar.resilience.bulkhead import Bulkheads
 from sidecar.runtime import wire
 from sidecar.runtime_types import Shared, Wiring
 from sidecar.settings import Config, Limits
-from sidecar.stack import Call, Direction, Handler, Reply
+from sidecar.stack import Body, Call, Direction, Handler, Reply
 from sidecar.tasks import TaskGroup
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import setup_tracing
@@ -187,15 +186,14 @@ class Sidecar:
         """
         assert self.shared is not None
         own = self.config.service
-        peer = "anonymous" if direction == "inbound" else "unknown"
-        self.shared.audit.record(
-            direction=direction, source="anonymous" if direction == "inbound" else own,
-            target=own if direction == "inbound" else "unknown", method="OTHER",
-            route="/{invalid}", status=reply.status, decision="denied", reason=reply.reason,
-            duration_ms=0.0, attempts=0, trace_id=os.urandom(16).hex(),
-        )
-        self.shared.metrics.answered(direction, peer, "OTHER", str(reply.status),
-                                     reply.reason or "", 0.0)
+        inbound = direction == "inbound"
+        call = Call(direction=direction, method="OTHER", path="/", query="",
+                    headers=CIMultiDict(), body=Body.empty(), route="/{invalid}",
+                    source="anonymous" if inbound else own,
+                    target=own if inbound else "unknown", started=self.clock.monotonic())
+        auditing.write_record(self.shared.audit, call, reply, clock=self.clock)
+        self.shared.metrics.answered(direction, "anonymous" if inbound else "unknown", "OTHER",
+                                     str(reply.status), reply.reason or "", 0.0)
 
     # -- state changes ---------------------------------------------------------
 

@@ -16,7 +16,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import websocket
-from sidecar.headers import REASON, forwardable
+from sidecar.headers import REASON
 from sidecar.stack import Call, Handler, Reply, RequestBodyError, UpstreamError
 
 E = TypeVar("E", bound=BaseException)
@@ -58,7 +58,9 @@ def new_session(*, connect_timeout: float = 1.0, idle: float = 30.0) -> aiohttp.
 async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
                    connect_timeout: float) -> Reply:
     """Send `call` to `base_url` and return the upstream's reply with its body streaming."""
-    headers = forwardable(call.headers, drop=("Host",), drop_sidecar=False)
+    # Hop-by-hop headers went at the edge; Host is the endpoint's own.
+    headers = call.headers.copy()
+    headers.popall("Host", None)
     body = None if call.body.is_empty else call.body.payload()
     try:
         response = await session.request(
