@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from sidecar.config import redacted
+from sidecar.config.loader import redacted
 
 if TYPE_CHECKING:
     from sidecar.server import Sidecar

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from sidecar import config as config_loader
+from sidecar.config import loader as config_loader
 from sidecar.identity import keys
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             for line in exc.errors:
                 print(line, file=sys.stderr)
             return 2
-        from sidecar.runtime import check_keys
+        from sidecar.wiring import check_keys
 
         problems = check_keys(config)
         for line in problems:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(text)
         return 0
     if args.command == "audit":
-        from sidecar.audit import verify_file
+        from sidecar.audit.log import verify_file
 
         ok, _line, message = verify_file(args.file)
         if ok:

@@ -10,25 +10,25 @@ from dataclasses import dataclass, replace
 from aiohttp import web
 from multidict import CIMultiDict
 
-from sidecar import auditing, edge, listener, transport
-from sidecar import config as config_loader
 from sidecar.admin import admin_app
-from sidecar.audit import AuditLog
+from sidecar.audit import layer as auditing
+from sidecar.audit.log import AuditLog
 from sidecar.clock import SYSTEM_CLOCK, Clock
-from sidecar.headers import ATTEMPTS, REASON, SIDECAR_PREFIX
+from sidecar.config import loader as config_loader
+from sidecar.config.settings import Config, Limits
+from sidecar.http import edge, listener, transport
+from sidecar.http.headers import ATTEMPTS, REASON, SIDECAR_PREFIX
 from sidecar.inbound import stack as inbound_stack
 from sidecar.outbound import stack as outbound_stack
-from sidecar.outbound.balancing import Pools
 from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.bulkhead import Bulkheads
-from sidecar.runtime import wire
-from sidecar.runtime_types import Shared, Wiring
-from sidecar.settings import Config, Limits
+from sidecar.resilience.pools import Pools
 from sidecar.stack import Body, Call, Direction, Handler, Reply
 from sidecar.tasks import TaskGroup
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import setup_tracing
+from sidecar.wiring import Shared, Wiring, wire
 
 log = logging.getLogger("sidecar")
 

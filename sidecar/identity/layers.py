@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sidecar import problem
-from sidecar.headers import SOURCE, TOKEN
+from sidecar.config.settings import Service
+from sidecar.http import problem
+from sidecar.http.headers import SOURCE, TOKEN
 from sidecar.identity.tokens import Minter, TokenError, Verifier
-from sidecar.policy import Policy
-from sidecar.settings import Service
-from sidecar.stack import Call, Handler, Layer, Reply, safe_method
+from sidecar.inbound.policy import Policy
+from sidecar.stack import Call, Handler, Layer, Reply
 
 
 def attach_token(*, minter: Callable[[], Minter]) -> Layer:
@@ -68,24 +68,3 @@ def verify_token(*, service: str, verifier: Verifier, policy: Policy) -> Layer:
 
     return verify_token_layer
 
-
-def authorize(*, policy: Policy) -> Layer:
-    """Inbound, after the token: the policy decides on caller, method and path.
-
-    Public paths pass, whoever calls. Refuses with 403 `policy_denied`.
-    """
-
-    async def authorize_layer(call: Call, next: Handler) -> Reply:
-        # A public path is public to every caller, verified or not.
-        if policy.is_public(call.path):
-            return await next(call)
-        if not policy.allows(call.source, call.method, call.path):
-            return problem.reply(
-                "policy_denied",
-                f"The policy of this service does not allow {call.source} to call "
-                f"{safe_method(call.method)} {call.route}. "
-                "Add a rule under inbound.policy if it should.",
-            )
-        return await next(call)
-
-    return authorize_layer

@@ -5,12 +5,15 @@
 
 from __future__ import annotations
 
-from sidecar import auditing, guards, transport
-from sidecar.identity.layers import authorize, verify_token
-from sidecar.inbound.layers import hold_deadline, normalise_path
-from sidecar.runtime_types import Shared, Wiring
+from sidecar.audit import layer as auditing
+from sidecar.http import guards, transport
+from sidecar.identity.layers import verify_token
+from sidecar.inbound.normalise import normalise_path
+from sidecar.inbound.policy import authorize
+from sidecar.resilience.deadline import hold_deadline
 from sidecar.stack import Handler, compose
 from sidecar.telemetry import metrics, tracing
+from sidecar.wiring import Shared, Wiring
 
 
 def build(shared: Shared, wiring: Wiring) -> Handler:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sidecar import problem
+from sidecar.config.settings import Service
+from sidecar.http import problem
 from sidecar.paths import RouteTable
-from sidecar.settings import Service
 from sidecar.stack import Call, Handler, Layer, Reply
 
 ABSOLUTE_HOST = "absolute_host"

@@ -5,14 +5,15 @@
 
 from __future__ import annotations
 
-from sidecar import auditing, guards, transport
+from sidecar.audit import layer as auditing
+from sidecar.http import guards, transport
 from sidecar.identity.layers import attach_token
 from sidecar.outbound import routing
-from sidecar.outbound.balancing import balance, chosen_endpoint
 from sidecar.resilience import breaker, bulkhead, deadline, retry
-from sidecar.runtime_types import Shared, Wiring
+from sidecar.resilience.pools import balance, chosen_endpoint
 from sidecar.stack import Handler, compose
 from sidecar.telemetry import metrics, tracing
+from sidecar.wiring import Shared, Wiring
 
 
 def build(shared: Shared, wiring: Wiring) -> Handler:

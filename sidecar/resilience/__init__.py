@@ -1,6 +1,6 @@
 """Resilience for outbound calls: classify, deadline, retry, breaker, bulkhead, endpoints.
 
-Settings come from `sidecar.settings`; state lives in per-service registries
+Settings come from `sidecar.config.settings`; state lives in per-service registries
 so a config reload can rebuild one service without touching the others; the
 layers read both. This module holds the two helpers every piece shares.
 """

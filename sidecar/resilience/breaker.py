@@ -12,11 +12,11 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Literal
 
-from sidecar import problem
 from sidecar.clock import Clock
+from sidecar.config.settings import BreakerPolicy
+from sidecar.http import problem
 from sidecar.resilience import Registry
 from sidecar.resilience.classify import Outcome, classify
-from sidecar.settings import BreakerPolicy
 from sidecar.stack import Call, Handler, Layer, Reply
 
 State = Literal["closed", "open", "half-open"]

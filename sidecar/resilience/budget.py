@@ -12,8 +12,8 @@ from collections import deque
 from collections.abc import Mapping
 
 from sidecar.clock import Clock
+from sidecar.config.settings import RetryBudget as BudgetPolicy
 from sidecar.resilience import Registry
-from sidecar.settings import RetryBudget as BudgetPolicy
 
 # A window is kept as this many slots, so memory stays fixed whatever the rate;
 # an event is forgotten at most one slot (1% of the window) late.

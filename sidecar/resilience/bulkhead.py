@@ -13,11 +13,11 @@ import contextlib
 from collections import deque
 from collections.abc import Mapping
 
-from sidecar import problem
 from sidecar.clock import Clock
+from sidecar.config.settings import BulkheadPolicy
+from sidecar.http import problem
 from sidecar.resilience import Registry
 from sidecar.resilience.deadline import remaining
-from sidecar.settings import BulkheadPolicy
 from sidecar.stack import Call, Handler, Layer, Reply
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 
-from sidecar import problem
-from sidecar.clock import Clock
+from sidecar.clock import SYSTEM_CLOCK, Clock
+from sidecar.http import problem
+from sidecar.http.headers import TIMEOUT_MS
 from sidecar.resilience import PerService, per_service
 from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
 
@@ -190,3 +191,37 @@ def _reschedule(scope: asyncio.Timeout, when: float | None) -> None:
         scope.reschedule(when)
     except RuntimeError:
         pass  # the scope has already ended: nothing left to time
+
+
+def hold_deadline(*, timeout: float, clock: Clock = SYSTEM_CLOCK) -> Layer:
+    """Inbound: the calling sidecar's `x-sidecar-timeout-ms` bounds the app call.
+
+    It only shortens the service's own timeout (a value that is not a positive
+    whole number of milliseconds is ignored); the header is not passed on to
+    the app. Expiry is answered by the failure layer as 504.
+    """
+
+    async def hold_deadline_layer(call: Call, next: Handler) -> Reply:
+        budget = timeout
+        for value in call.headers.popall(TIMEOUT_MS, []):
+            asked = asked_timeout(value)
+            if asked is not None:
+                budget = min(budget, asked)
+        call.deadline = clock.monotonic() + budget
+        call.attempts = 1  # the one call to the app
+
+        def restart() -> float:
+            call.deadline = clock.monotonic() + budget
+            return budget
+
+        scope = asyncio.timeout(budget)
+        try:
+            async with scope:
+                pause_while_receiving(call, scope, restart=restart)
+                return await next(call)
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            raise UpstreamError("timeout", sent=True) from None
+
+    return hold_deadline_layer

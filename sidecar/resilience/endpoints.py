@@ -23,8 +23,8 @@ from collections.abc import Callable, Sequence
 import aiohttp
 
 from sidecar.clock import Clock
+from sidecar.config.settings import HealthCheck, OutlierPolicy
 from sidecar.resilience.classify import Outcome
-from sidecar.settings import HealthCheck, OutlierPolicy
 
 log = logging.getLogger("sidecar")
 

@@ -15,11 +15,11 @@ import random
 from email.utils import parsedate_to_datetime
 
 from sidecar.clock import Clock
+from sidecar.config.settings import Backoff, RetryPolicy
 from sidecar.resilience import PerService, per_service
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.classify import Outcome, classify, is_refusal
 from sidecar.resilience.deadline import remaining
-from sidecar.settings import Backoff, RetryPolicy
 from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
 
 IDEMPOTENCY_KEY = "Idempotency-Key"

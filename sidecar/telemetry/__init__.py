@@ -8,7 +8,7 @@ never reach them (SPEC "Audit log").
 
 from __future__ import annotations
 
-from sidecar.problem import REASONS
+from sidecar.http.problem import REASONS
 
 
 def known_reason(reason: str | None) -> str | None:

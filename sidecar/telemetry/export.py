@@ -37,7 +37,7 @@ from opentelemetry.trace import (
     SpanKind,
 )
 
-from sidecar import settings
+from sidecar.config import settings
 from sidecar.telemetry.logs import event
 
 EXPORTERS = ("otlp", "console", "none")

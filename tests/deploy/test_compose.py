@@ -20,8 +20,8 @@ import yaml
 
 from deploy.apps.common import settings_from
 from deploy.topology import ALLOWED, APPS, CLIENT_MODULE, DENIED, EDGE, SERVICES, callees
-from sidecar import config as config_loader
-from sidecar.policy import Policy
+from sidecar.config import loader as config_loader
+from sidecar.inbound.policy import Policy
 from tests.deploy import (
     AUDIT_FILE,
     DEPLOY,

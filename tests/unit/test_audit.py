@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-import sidecar.audit as audit_module
-from sidecar.audit import GENESIS, AuditLog, verify_file
+import sidecar.audit.log as audit_module
+from sidecar.audit.log import GENESIS, AuditLog, verify_file
 from sidecar.clock import FakeClock
 
 SPEC_FIELDS = {

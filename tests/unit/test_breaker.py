@@ -4,9 +4,9 @@ import pytest
 from multidict import CIMultiDict
 
 from sidecar.clock import FakeClock
+from sidecar.config.settings import BreakerPolicy
 from sidecar.resilience.breaker import Breaker, Breakers, guard
 from sidecar.resilience.classify import Outcome
-from sidecar.settings import BreakerPolicy
 from sidecar.stack import Body, Call, Reply, UpstreamError
 
 POLICY = BreakerPolicy(failure_threshold=3, recovery_timeout=30, half_open_max_calls=2)

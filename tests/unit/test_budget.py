@@ -1,8 +1,8 @@
 import pytest
 
 from sidecar.clock import FakeClock
+from sidecar.config.settings import RetryBudget as BudgetPolicy
 from sidecar.resilience.budget import RetryBudget, RetryBudgets, SlidingCount
-from sidecar.settings import RetryBudget as BudgetPolicy
 
 
 def test_sliding_count_forgets_after_the_window() -> None:

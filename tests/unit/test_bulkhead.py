@@ -6,8 +6,8 @@ import pytest
 from multidict import CIMultiDict
 
 from sidecar.clock import FakeClock
+from sidecar.config.settings import BulkheadPolicy
 from sidecar.resilience.bulkhead import Bulkhead, Bulkheads, limit
-from sidecar.settings import BulkheadPolicy
 from sidecar.stack import Body, Call, Reply
 
 T = TypeVar("T")

@@ -3,7 +3,7 @@ import asyncio
 import pytest
 from multidict import CIMultiDict
 
-from sidecar import problem
+from sidecar.http import problem
 from sidecar.resilience.classify import (
     Outcome,
     classify,

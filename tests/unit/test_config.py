@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sidecar import config
+from sidecar.config import loader as config
+from sidecar.config.units import parse_duration, parse_size
 from sidecar.identity import keys
-from sidecar.units import parse_duration, parse_size
 
 SPEC_EXAMPLE = """
 service: billing-engine

@@ -6,9 +6,9 @@ import aiohttp
 import pytest
 
 from sidecar.clock import FakeClock
+from sidecar.config.settings import HealthCheck, OutlierPolicy
 from sidecar.resilience.classify import Outcome
 from sidecar.resilience.endpoints import Endpoints, OnEject
-from sidecar.settings import HealthCheck, OutlierPolicy
 
 OUTLIER = OutlierPolicy(consecutive_failures=3, base_ejection=30, max_ejected_percent=50)
 

@@ -8,19 +8,19 @@ from pathlib import Path
 import pytest
 from multidict import CIMultiDict
 
-from sidecar import guards
-from sidecar.audit import AuditLog
-from sidecar.auditing import record_decision, trace_id
+from sidecar.audit.layer import record_decision, trace_id
+from sidecar.audit.log import AuditLog
 from sidecar.clock import FakeClock
-from sidecar.headers import forwardable
+from sidecar.config.settings import PolicyRule, Service
+from sidecar.http import guards
+from sidecar.http.headers import forwardable
 from sidecar.identity import keys
-from sidecar.identity.layers import attach_token, authorize, verify_token
+from sidecar.identity.layers import attach_token, verify_token
 from sidecar.identity.tokens import Minter, Verifier
-from sidecar.inbound.layers import normalise_path
+from sidecar.inbound.normalise import normalise_path
+from sidecar.inbound.policy import Policy, authorize
 from sidecar.outbound.routing import ABSOLUTE_HOST, Target, resolve, route
 from sidecar.paths import RouteTable
-from sidecar.policy import Policy
-from sidecar.settings import PolicyRule, Service
 from sidecar.stack import Body, BodyTooLarge, Call, MalformedBody, Reply, UpstreamError
 
 LOCAL = frozenset({"localhost", "127.0.0.1"})

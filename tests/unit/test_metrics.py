@@ -8,8 +8,8 @@ import pytest
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar import problem
 from sidecar.clock import FakeClock
+from sidecar.http import problem
 from sidecar.stack import Body, Call, Direction, Handler, Reply, UpstreamError, compose
 from sidecar.telemetry.metrics import Metrics, observe, track_in_flight
 

@@ -1,7 +1,7 @@
 import pytest
 
-from sidecar.policy import Policy
-from sidecar.settings import PolicyRule
+from sidecar.config.settings import PolicyRule
+from sidecar.inbound.policy import Policy
 
 SPEC_RULE = PolicyRule(
     sources=("healthcare-api",), methods=("POST",), paths=("/claims", "/claims/*")

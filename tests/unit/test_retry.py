@@ -6,11 +6,11 @@ from email.utils import format_datetime
 import pytest
 from multidict import CIMultiDict
 
-from sidecar import problem
 from sidecar.clock import FakeClock
+from sidecar.config.settings import Backoff, RetryBudget, RetryPolicy
+from sidecar.http import problem
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.retry import backoff_delay, retry, retry_after
-from sidecar.settings import Backoff, RetryBudget, RetryPolicy
 from sidecar.stack import Body, Call, Reply, UpstreamError
 
 GENEROUS = RetryBudget(ratio=1.0, min_per_second=100, window=10)

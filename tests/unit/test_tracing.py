@@ -15,7 +15,8 @@ from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from sidecar import problem, settings
+from sidecar.config import settings
+from sidecar.http import problem
 from sidecar.stack import Body, Call, Direction, Handler, Layer, Reply, UpstreamError, compose
 from sidecar.telemetry.tracing import (
     ATTRIBUTES,

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from sidecar import settings as s
-from sidecar.units import parse_duration, parse_size
+from sidecar.config import settings as s
+from sidecar.config.units import parse_duration, parse_size
 
 T = TypeVar("T")
 

@@ -1,16 +1,19 @@
-"""Who may call what: the inbound authorization policy, as a pure decision.
+"""Who may call what: the inbound authorization policy and the layer that applies it.
 
-The inbound layers ask two questions, both of an already normalised path:
-`is_public` (may this be reached without a token?) and `allows` (may this
-verified service call this method on this path?).
+`Policy` is a pure decision, asked two questions of an already normalised
+path: `is_public` (may this be reached without a token?) and `allows` (may
+this verified service call this method on this path?). `authorize` is the
+inbound layer that refuses what the policy does not allow.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sidecar.config.settings import PolicyRule
+from sidecar.http import problem
 from sidecar.paths import check_pattern, matches
-from sidecar.settings import PolicyRule
+from sidecar.stack import Call, Handler, Layer, Reply, safe_method
 
 ANY = "*"
 
@@ -62,3 +65,25 @@ def _compile(rule: PolicyRule) -> _Rule:
         methods=None if rule.methods is None else frozenset(m.upper() for m in rule.methods),
         paths=None if rule.paths is None else tuple(rule.paths),
     )
+
+
+def authorize(*, policy: Policy) -> Layer:
+    """Inbound, after the token: the policy decides on caller, method and path.
+
+    Public paths pass, whoever calls. Refuses with 403 `policy_denied`.
+    """
+
+    async def authorize_layer(call: Call, next: Handler) -> Reply:
+        # A public path is public to every caller, verified or not.
+        if policy.is_public(call.path):
+            return await next(call)
+        if not policy.allows(call.source, call.method, call.path):
+            return problem.reply(
+                "policy_denied",
+                f"The policy of this service does not allow {call.source} to call "
+                f"{safe_method(call.method)} {call.route}. "
+                "Add a rule under inbound.policy if it should.",
+            )
+        return await next(call)
+
+    return authorize_layer

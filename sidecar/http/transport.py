@@ -15,8 +15,8 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar import websocket
-from sidecar.headers import REASON
+from sidecar.http import websocket
+from sidecar.http.headers import REASON
 from sidecar.stack import Call, Handler, Reply, RequestBodyError, UpstreamError
 
 E = TypeVar("E", bound=BaseException)

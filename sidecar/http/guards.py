@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from sidecar import problem
-from sidecar.edge import LONGEST_HEADER_LINE
+from sidecar.http import problem
+from sidecar.http.edge import LONGEST_HEADER_LINE
 from sidecar.stack import (
     BodyTooLarge,
     Call,

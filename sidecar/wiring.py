@@ -1,19 +1,61 @@
-"""Builds the per-config wiring (keys, policy, routes) and checks key material."""
+"""What the stacks are built from, in one place.
+
+`Shared` lives as long as the process; `Wiring` is everything one config
+decides (keys, policy, routes), built at once by `wire` so a reload swaps it
+whole. `check_keys` reports key and policy problems for `check` and `run`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import aiohttp
+
+from sidecar.audit.log import AuditLog
 from sidecar.clock import Clock
+from sidecar.config.settings import Config
 from sidecar.identity import keys
 from sidecar.identity.tokens import Minter, Verifier
+from sidecar.inbound.policy import Policy
 from sidecar.outbound.routing import Target
 from sidecar.paths import RouteTable
-from sidecar.policy import Policy
-from sidecar.runtime_types import Wiring
-from sidecar.settings import Config
+from sidecar.resilience.breaker import Breakers
+from sidecar.resilience.budget import RetryBudgets
+from sidecar.resilience.bulkhead import Bulkheads
+from sidecar.resilience.pools import Pools
+from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.tracing import Tracing
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
+
+
+@dataclass(slots=True)
+class Shared:
+    """Lives as long as the process: survives a config reload."""
+
+    clock: Clock
+    session: aiohttp.ClientSession
+    audit: AuditLog
+    breakers: Breakers
+    budgets: RetryBudgets
+    bulkheads: Bulkheads
+    pools: Pools
+    metrics: Metrics
+    tracing: Tracing
+
+
+@dataclass(frozen=True, slots=True)
+class Wiring:
+    """Built from one config; a reload builds a new one and swaps it in whole."""
+
+    config: Config
+    minter: Minter
+    verifier: Verifier
+    policy: Policy
+    targets: dict[str, Target]
+    own_routes: RouteTable
+    local_hosts: frozenset[str]
 
 
 def load_identity(config: Config, clock: Clock) -> tuple[Minter, Verifier]:

@@ -10,9 +10,9 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from sidecar.clock import Clock
+from sidecar.config.settings import Service
 from sidecar.resilience.classify import classify
 from sidecar.resilience.endpoints import Endpoints
-from sidecar.settings import Service
 from sidecar.stack import Call, Handler, Layer, Reply
 from sidecar.tasks import TaskGroup
 

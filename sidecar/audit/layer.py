@@ -8,7 +8,7 @@ import re
 
 from multidict import CIMultiDict
 
-from sidecar.audit import AuditLog
+from sidecar.audit.log import AuditLog
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.stack import Call, Handler, Layer, Reply, safe_method
 

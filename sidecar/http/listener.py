@@ -17,11 +17,11 @@ from typing import Any
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
-from sidecar import problem
-from sidecar.settings import Limits
+from sidecar.config.settings import Limits
+from sidecar.http import problem
 from sidecar.stack import Reply
 
-log = logging.getLogger("sidecar.listener")
+log = logging.getLogger("sidecar.http.listener")
 
 RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # Told of every request refused before it could become a call (for audit and metrics).

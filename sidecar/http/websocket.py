@@ -16,8 +16,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar import problem
-from sidecar.headers import REASON, forwardable
+from sidecar.http import problem
+from sidecar.http.headers import REASON, forwardable
 from sidecar.stack import Call, Reply
 
 WEBSOCKET = "websocket"

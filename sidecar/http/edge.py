@@ -16,12 +16,12 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 from multidict import CIMultiDict
 
-from sidecar import websocket
 from sidecar.clock import SYSTEM_CLOCK, Clock
-from sidecar.headers import SOURCE, TIMEOUT_MS, forwardable
+from sidecar.http import websocket
+from sidecar.http.headers import SOURCE, TIMEOUT_MS, forwardable
 from sidecar.stack import Body, BodyTooLarge, Call, Direction, Handler, MalformedBody, Reply
 
-log = logging.getLogger("sidecar.edge")
+log = logging.getLogger("sidecar.http.edge")
 
 
 LONGEST_HEADER_LINE = "longest_header_line"
