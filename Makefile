@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench lint typecheck unit clean tools
+.PHONY: test demo bench lint typecheck imports unit clean tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy sidecar
 
-test: $(STAMP) tools lint typecheck
+# The import contracts in pyproject.toml: layers, no cycles, sidecar/ never imports tests.
+imports: $(STAMP)
+	$(BIN)/lint-imports
+
+test: $(STAMP) tools lint typecheck imports
 	$(BIN)/pytest -q
 
 unit: $(STAMP)

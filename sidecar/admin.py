@@ -1,41 +1,56 @@
-"""The admin listener (loopback): health, readiness, metrics, state and config."""
+"""The admin listener (loopback): health, readiness, metrics, state and config.
+
+It sees the running sidecar only through `AdminView`, so it depends on no
+part of the process it describes.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
 
 from sidecar.config.loader import redacted
-
-if TYPE_CHECKING:
-    from sidecar.server import Sidecar
-
-SIDECAR_KEY = web.AppKey("sidecar", object)
+from sidecar.config.settings import Config
 
 
-def admin_app(sidecar: Sidecar) -> web.Application:
+class AdminView(Protocol):
+    """What the admin port may ask of the running sidecar."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None: ...
+
+    def not_ready(self) -> list[str]: ...
+
+    def service_state(self) -> dict[str, Any]: ...
+
+    def render_metrics(self) -> tuple[bytes, str]: ...
+
+
+def admin_app(view: AdminView) -> web.Application:
     app = web.Application()
-    app[SIDECAR_KEY] = sidecar
 
     async def healthz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
-        reasons = await readiness(sidecar)
+        reasons = await readiness(view)
         if reasons:
             return web.json_response({"ready": False, "reasons": reasons}, status=503)
         return web.json_response({"ready": True})
 
     async def services(request: web.Request) -> web.Response:
-        return web.json_response({"services": service_state(sidecar)})
+        return web.json_response({"services": view.service_state()})
 
     async def config(request: web.Request) -> web.Response:
-        return web.json_response(redacted(sidecar.config))
+        return web.json_response(redacted(view.config))
 
     async def metrics(request: web.Request) -> web.Response:
-        body, content_type = sidecar.render_metrics()
+        body, content_type = view.render_metrics()
         response = web.Response(body=body)
         response.headers["Content-Type"] = content_type
         return response
@@ -48,20 +63,15 @@ def admin_app(sidecar: Sidecar) -> web.Application:
     return app
 
 
-async def readiness(sidecar: Sidecar) -> list[str]:
+async def readiness(view: AdminView) -> list[str]:
     """Why the sidecar is not ready; empty when it is."""
-    reasons = []
-    if sidecar.draining:
-        reasons.append("draining")
-    if sidecar.stacks is None:
-        reasons.append("config or keys not loaded")
-    if not sidecar.listening:
-        reasons.append("listeners not up")
-    health = sidecar.config.inbound.app_health_path
-    if health and sidecar.shared is not None:
-        url = sidecar.config.inbound.app.rstrip("/") + health
+    reasons = view.not_ready()
+    config = view.config
+    health = config.inbound.app_health_path
+    if health and view.session is not None:
+        url = config.inbound.app.rstrip("/") + health
         try:
-            async with sidecar.shared.session.get(
+            async with view.session.get(
                 url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=1.0)
             ) as response:
                 if not 200 <= response.status < 300:
@@ -69,16 +79,3 @@ async def readiness(sidecar: Sidecar) -> list[str]:
         except (TimeoutError, aiohttp.ClientError):
             reasons.append("app health check failed: the app did not answer")
     return reasons
-
-
-def service_state(sidecar: Sidecar) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    shared = sidecar.shared
-    for name in sidecar.config.services:
-        breaker = shared.breakers.for_service(name).state if shared else "closed"
-        out[name] = {
-            "breaker": str(getattr(breaker, "value", breaker)),
-            "in_flight": sidecar.in_flight(name),
-            "endpoints": sidecar.endpoint_state(name),
-        }
-    return out

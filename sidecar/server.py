@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from typing import Any
 
+import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
@@ -18,13 +20,11 @@ from sidecar.config import loader as config_loader
 from sidecar.config.settings import Config, Limits
 from sidecar.http import edge, listener, transport
 from sidecar.http.headers import ATTEMPTS, REASON, SIDECAR_PREFIX
-from sidecar.inbound import stack as inbound_stack
-from sidecar.outbound import stack as outbound_stack
 from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.bulkhead import Bulkheads
 from sidecar.resilience.pools import Pools
-from sidecar.stack import Body, Call, Direction, Handler, Reply
+from sidecar.stack import Body, Call, Direction, Reply
 from sidecar.tasks import TaskGroup
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import setup_tracing
@@ -39,15 +39,6 @@ MESH_HEADERS = 8
 RESTART_ONLY = ("service", "listen", "limits", "audit", "tracing")
 
 
-@dataclass(frozen=True, slots=True)
-class Stacks:
-    """The handlers of one config, swapped together on reload."""
-
-    wiring: Wiring
-    outbound: Handler
-    inbound: Handler
-
-
 class Sidecar:
     """One sidecar: owns its listeners, its shared state and the current stacks."""
 
@@ -58,11 +49,9 @@ class Sidecar:
         self.draining = False
         self.listening = False
         self.stopped = asyncio.Event()
-        self._runners: list[web.BaseRunner] = []
-        self._sites: dict[str, web.TCPSite] = {}
-        self._servers: dict[str, listener.GuardedServer] = {}
+        self._listeners: dict[str, listener.Listener] = {}
         self.shared: Shared | None = None
-        self.stacks: Stacks | None = None
+        self.wiring: Wiring | None = None
 
     # -- start -------------------------------------------------------------
 
@@ -84,21 +73,15 @@ class Sidecar:
             tracing=setup_tracing(config.tracing, service_name=config.service),
         )
         self._reload_state(config)
-        self.stacks = self._build(config)
+        self.wiring = wire(config, self.shared)
         limits = config.limits
         # The calling sidecar adds a few headers of its own (token, trace
         # context, deadline): a call within the limit at its app stays within it here.
         inbound_limits = replace(limits, max_headers=limits.max_headers + MESH_HEADERS)
         await self._listen("inbound", self._inbound, config.listen.inbound, inbound_limits)
         await self._listen("outbound", self._outbound, config.listen.outbound, limits)
-        admin = web.AppRunner(admin_app(self), handle_signals=False, access_log=None,
-                              shutdown_timeout=1.0)
-        await admin.setup()
         host, port = config.listen.admin
-        site = web.TCPSite(admin, host, port, reuse_address=True)
-        await site.start()
-        self._runners.append(admin)
-        self._sites["admin"] = site
+        self._listeners["admin"] = await listener.start_app(admin_app(self), host, port)
         self.listening = True
         log.info("sidecar started", extra={
             "service": config.service,
@@ -107,47 +90,48 @@ class Sidecar:
             "policy_rules": len(config.inbound.policy or ()),
         })
 
-    def _build(self, config: Config) -> Stacks:
-        assert self.shared is not None
-        wiring = wire(config, self.clock)
-        return Stacks(
-            wiring=wiring,
-            outbound=outbound_stack.build(self.shared, wiring),
-            inbound=inbound_stack.build(self.shared, wiring),
-        )
-
     async def _listen(self, name: str, handler: listener.RawHandler,
                       address: tuple[str, int], limits: Limits) -> None:
         direction: Direction = "inbound" if name == "inbound" else "outbound"
-        runner, site, server = await listener.start(
+        self._listeners[name] = await listener.start(
             handler, address[0], address[1], limits=limits,
             on_refused=lambda reply: self._refused(direction, reply),
             # No attempt is made for a request refused while parsing.
             answer_headers={ATTEMPTS: "0"} if direction == "outbound" else None)
-        self._runners.append(runner)
-        self._sites[name] = site
-        self._servers[name] = server
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         """The bound address of each listener (the real port when 0 was asked)."""
-        out = {}
-        for name, site in self._sites.items():
-            server = site._server
-            sockets = getattr(server, "sockets", None) or []
-            if sockets:
-                host, port = sockets[0].getsockname()[:2]
-                out[name] = (host, port)
+        return {name: address for name, held in self._listeners.items()
+                if (address := held.address) is not None}
+
+    # -- what the admin port sees (admin.AdminView) -----------------------------
+
+    def not_ready(self) -> list[str]:
+        """Why the process itself is not ready (the app's health is the admin's to ask)."""
+        reasons = []
+        if self.draining:
+            reasons.append("draining")
+        if self.wiring is None:
+            reasons.append("config or keys not loaded")
+        if not self.listening:
+            reasons.append("listeners not up")
+        return reasons
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None:
+        return self.shared.session if self.shared is not None else None
+
+    def service_state(self) -> dict[str, Any]:
+        """For /admin/services: breaker, in-flight calls and endpoints per service."""
+        out: dict[str, Any] = {}
+        shared = self.shared
+        for name in self.config.services:
+            out[name] = {
+                "breaker": shared.breakers.for_service(name).state if shared else "closed",
+                "in_flight": shared.bulkheads.for_service(name).in_flight if shared else 0,
+                "endpoints": shared.pools.state(name) if shared else [],
+            }
         return out
-
-    # -- state for the admin port ------------------------------------------------
-
-    def in_flight(self, service: str) -> int:
-        assert self.shared is not None
-        return self.shared.bulkheads.for_service(service).in_flight
-
-    def endpoint_state(self, service: str) -> list[dict[str, object]]:
-        assert self.shared is not None
-        return self.shared.pools.state(service)
 
     def render_metrics(self) -> tuple[bytes, str]:
         assert self.shared is not None
@@ -160,9 +144,9 @@ class Sidecar:
     # -- the two data-path edges ---------------------------------------------
 
     async def _outbound(self, request: web.BaseRequest) -> web.StreamResponse:
-        assert self.stacks is not None
+        assert self.wiring is not None
         return await edge.serve(
-            request, self.stacks.outbound, "outbound",
+            request, self.wiring.outbound, "outbound",
             body_limit=self.config.limits.max_request_body,
             idle=self.config.limits.idle_timeout,
             extra=_outbound_headers, closing=lambda: False, source=self.config.service,
@@ -170,9 +154,9 @@ class Sidecar:
         )
 
     async def _inbound(self, request: web.BaseRequest) -> web.StreamResponse:
-        assert self.stacks is not None
+        assert self.wiring is not None
         return await edge.serve(
-            request, self.stacks.inbound, "inbound",
+            request, self.wiring.inbound, "inbound",
             body_limit=self.config.limits.max_request_body,
             idle=self.config.limits.idle_timeout,
             extra=_inbound_headers, closing=lambda: self.draining,
@@ -233,7 +217,8 @@ class Sidecar:
                 log.warning("config changes that apply after a restart were kept as they are",
                             extra={"changed": sorted(fixed)})
                 new = replace(new, **fixed)
-            stacks = self._build(new)
+            assert self.shared is not None
+            wiring = wire(new, self.shared)
         except config_loader.ConfigError as exc:
             log.error("config reload refused; the old config stays",
                       extra={"problem": exc.errors})
@@ -247,7 +232,7 @@ class Sidecar:
         assert self.shared is not None
         # A rotated audit file is picked up: the new file starts its own chain.
         self.tasks.start("audit-reopen", self.shared.audit.reopen())
-        self.stacks = stacks
+        self.wiring = wiring
         log.info("config reloaded", extra={"services": sorted(new.services),
                                            "policy_rules": len(new.inbound.policy or ())})
         return True
@@ -261,30 +246,21 @@ class Sidecar:
         log.info("draining", extra={"timeout_s": self.config.drain_timeout})
         loop = asyncio.get_running_loop()
         ends = loop.time() + self.config.drain_timeout
-        inbound_site = self._sites.get("inbound")
-        if inbound_site is not None and inbound_site._server is not None:
-            inbound_site._server.close()
-        inbound = self._servers.get("inbound")
+        inbound = self._listeners.get("inbound")
         if inbound is not None:
-            for protocol in list(inbound.connections):
-                # Idle keep-alive connections go now; busy ones after their answer.
-                if protocol._request_in_progress:
-                    protocol.close()
-                else:
-                    protocol.force_close()
-        outbound = self._servers.get("outbound")
-        while loop.time() < ends:
-            busy_in = inbound is not None and inbound.connections
-            busy_out = outbound is not None and outbound.connections
-            if not busy_in and not busy_out:
-                break
+            inbound.stop_accepting()
+            # Idle keep-alive connections go now; busy ones after their answer.
+            inbound.finish_and_close()
+        data_path = [self._listeners[n] for n in ("inbound", "outbound") if n in self._listeners]
+        # Polled: aiohttp tells nobody when its last connection closes.
+        while loop.time() < ends and any(held.busy for held in data_path):  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         await self.close()
 
     async def close(self) -> None:
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        self._runners.clear()
+        for held in reversed(list(self._listeners.values())):
+            await held.close()
+        self._listeners.clear()
         if self.shared is not None:
             await self.shared.session.close()
             await self.shared.audit.close()

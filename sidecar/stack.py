@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Literal, Protocol
 
+import aiohttp
 from multidict import CIMultiDict
+from opentelemetry.context import Context
+
+from sidecar.config.settings import Service, ServicePolicy
+from sidecar.paths import RouteTable
 
 Direction = Literal["outbound", "inbound"]
 
@@ -117,9 +122,47 @@ class Body:
             yield chunk
         self._end()
 
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a call is routed: a service's settings and its route templates.
+
+    Built once per config (`wiring.wire`). Every layer that needs a
+    per-service setting (timeout, retry, connect timeout, mesh or not) reads
+    it from the call's target, never from a table of its own.
+    """
+
+    service: Service
+    routes: RouteTable
+
     @property
-    def held(self) -> bytes:
-        return self._head
+    def name(self) -> str:
+        return self.service.name
+
+    @property
+    def policy(self) -> ServicePolicy:
+        return self.service.policy
+
+    @property
+    def mesh(self) -> bool:
+        return self.service.mesh
+
+
+@dataclass(slots=True)
+class CallTrace:
+    """The W3C context a call came with (possibly empty) and the trace id it carries.
+
+    Read once, before retries rewrite the headers; owned by `telemetry.tracing`,
+    read by the audit for `trace_id`.
+    """
+
+    parent: Context
+    trace_id: int
+    client_spans: int = 0  # CLIENT spans started so far: the next one's resend count
+
+    @property
+    def trace_id_hex(self) -> str:
+        return f"{self.trace_id:032x}"
 
 
 @dataclass(slots=True)
@@ -127,7 +170,9 @@ class Call:
     """One request on its way through a stack.
 
     `path` is the path without the query; `route` is its PHI-safe template,
-    the only form of the path that telemetry and audit ever see.
+    the only form of the path that telemetry and audit ever see. The fields
+    after `body` are what the layers learn and tell each other; each has one
+    writer, named beside it.
     """
 
     direction: Direction
@@ -136,19 +181,32 @@ class Call:
     query: str
     headers: CIMultiDict[str]
     body: Body
-    source: str = "anonymous"
-    target: str = ""
-    route: str = "/"
-    deadline: float | None = None
-    attempts: int = 0
-    scheme: str = "http"
-    started: float = 0.0
-    notes: dict[str, Any] = field(default_factory=dict)
+    source: str = "anonymous"  # the verified caller (inbound: verify_token)
+    target: str = ""  # the target service's name (routing; inbound: this service)
+    route: str = "/"  # templated path (routing, normalise_path)
+    upstream: Target | None = None  # the routed target (routing; inbound: the app)
+    endpoint: str | None = None  # this attempt's base URL (balance; inbound: the app)
+    deadline: float | None = None  # monotonic time the call must end by (deadline)
+    attempts: int = 0  # attempts made (retry; inbound: 1)
+    retries: int = 0  # attempts after the first (retry)
+    scheme: str = "http"  # the endpoint's scheme (balance)
+    server_port: int | None = None  # the listener's port inbound, the endpoint's outbound
+    started: float = 0.0  # monotonic time the call arrived (edge)
+    trace: CallTrace | None = None  # (tracing)
+    # What the edge read off the wire:
+    http_version: str = "1.1"
+    longest_header_line: int = 0  # "name: value" as sent; the parser bounds values alone
+    websocket_protocols: tuple[str, ...] | None = None  # set only for a WebSocket upgrade
+    absolute_host: str | None = None  # the authority of an absolute-form target
 
     @property
     def target_path(self) -> str:
         """Path plus query, as sent upstream."""
         return f"{self.path}?{self.query}" if self.query else self.path
+
+    @property
+    def websocket(self) -> bool:
+        return self.websocket_protocols is not None
 
 
 @dataclass(slots=True)
@@ -166,7 +224,7 @@ class Reply:
     reason: str | None = None
     made_here: bool = False
     release: Callable[[], None] | None = None
-    upgrade: Any = None  # an upstream WebSocket, on a 101 reply
+    upgrade: aiohttp.ClientWebSocketResponse | None = None  # on a 101 reply
 
     def discard(self) -> None:
         if self.release is not None:

@@ -14,16 +14,18 @@ import aiohttp
 
 from sidecar.audit.log import AuditLog
 from sidecar.clock import Clock
-from sidecar.config.settings import Config
+from sidecar.config.settings import Config, Service
 from sidecar.identity import keys
 from sidecar.identity.tokens import Minter, Verifier
+from sidecar.inbound import stack as inbound_stack
 from sidecar.inbound.policy import Policy
-from sidecar.outbound.routing import Target
+from sidecar.outbound import stack as outbound_stack
 from sidecar.paths import RouteTable
 from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.bulkhead import Bulkheads
 from sidecar.resilience.pools import Pools
+from sidecar.stack import Handler, Target
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import Tracing
 
@@ -47,15 +49,15 @@ class Shared:
 
 @dataclass(frozen=True, slots=True)
 class Wiring:
-    """Built from one config; a reload builds a new one and swaps it in whole."""
+    """Built from one config; a reload builds a new one and swaps it in whole.
+
+    `outbound` and `inbound` are the two stacks, built from `Shared` and this
+    config's keys, policy and targets.
+    """
 
     config: Config
-    minter: Minter
-    verifier: Verifier
-    policy: Policy
-    targets: dict[str, Target]
-    own_routes: RouteTable
-    local_hosts: frozenset[str]
+    outbound: Handler
+    inbound: Handler
 
 
 def load_identity(config: Config, clock: Clock) -> tuple[Minter, Verifier]:
@@ -111,19 +113,41 @@ def check_keys(config: Config) -> list[str]:
     return problems
 
 
-def wire(config: Config, clock: Clock) -> Wiring:
-    """Everything a config decides, built at once so a reload swaps it atomically."""
-    minter, verifier = load_identity(config, clock)
+def app_target(config: Config) -> Target:
+    """This service's app as the inbound stack's one target: `defaults` are its settings,
+    and its routes are the ones `services` lists under this service's own name."""
+    own = config.services.get(config.service)
+    routes = own.routes if own is not None else ()
+    app = Service(name=config.service, endpoints=(config.inbound.app.rstrip("/"),),
+                  policy=config.defaults, routes=routes, mesh=False)
+    return Target(service=app, routes=RouteTable(routes))
+
+
+def wire(config: Config, shared: Shared) -> Wiring:
+    """Everything a config decides, built at once so a reload swaps it atomically.
+
+    Raises KeyMaterialError or OSError when keys cannot be loaded.
+    """
+    minter, verifier = load_identity(config, shared.clock)
     policy = Policy(rules=config.inbound.policy, public_paths=config.inbound.public_paths)
     targets = {
         name: Target(service=service, routes=RouteTable(service.routes))
         for name, service in config.services.items()
     }
-    own = config.services.get(config.service)
-    own_routes = RouteTable(own.routes if own is not None else ())
     hosts = set(LOOPBACK_NAMES)
     hosts.add(config.listen.outbound[0])
     return Wiring(
-        config=config, minter=minter, verifier=verifier, policy=policy, targets=targets,
-        own_routes=own_routes, local_hosts=frozenset(h.lower() for h in hosts),
+        config=config,
+        outbound=outbound_stack.build(
+            clock=shared.clock, session=shared.session, audit_log=shared.audit,
+            stats=shared.metrics, tracer=shared.tracing, bulkheads=shared.bulkheads,
+            budgets=shared.budgets, breakers=shared.breakers, pools=shared.pools,
+            limits=config.limits,
+            targets=targets, local_hosts=frozenset(h.lower() for h in hosts), minter=minter,
+        ),
+        inbound=inbound_stack.build(
+            clock=shared.clock, session=shared.session, audit_log=shared.audit,
+            stats=shared.metrics, tracer=shared.tracing, limits=config.limits,
+            service=config.service, verifier=verifier, policy=policy, app=app_target(config),
+        ),
     )

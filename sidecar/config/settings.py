@@ -116,6 +116,10 @@ class ServicePolicy:
     outlier_detection: OutlierPolicy = field(default_factory=OutlierPolicy)
     health_check: HealthCheck | None = None
 
+    def __post_init__(self) -> None:
+        if self.timeout <= 0 or self.connect_timeout <= 0:
+            raise ValueError("timeout and connect_timeout must be positive")
+
 
 @dataclass(frozen=True, slots=True)
 class Service:

@@ -18,13 +18,11 @@ from multidict import CIMultiDict
 
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.http import websocket
-from sidecar.http.headers import SOURCE, TIMEOUT_MS, forwardable
+from sidecar.http.headers import BAGGAGE, SOURCE, TIMEOUT_MS, forwardable
 from sidecar.stack import Body, BodyTooLarge, Call, Direction, Handler, MalformedBody, Reply
 
 log = logging.getLogger("sidecar.http.edge")
 
-
-LONGEST_HEADER_LINE = "longest_header_line"
 
 
 def request_body(request: web.BaseRequest, limit: int) -> Body:
@@ -60,26 +58,26 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
         # Only the deadline header may come in; `baggage` never travels on, and
         # only the sidecar names the caller.
         # `Expect` is answered here, hop by hop.
-        headers=forwardable(request.headers, drop=("baggage", SOURCE, "Expect"),
+        headers=forwardable(request.headers, drop=(BAGGAGE, SOURCE, "Expect"),
                             keep=(TIMEOUT_MS,)),
         body=request_body(request, body_limit),
         source=source,
         target=target,
         started=clock.monotonic(),
+        http_version=f"{request.version.major}.{request.version.minor}",
+        # "name: value" as sent; the parser only bounds the value on its own.
+        longest_header_line=max(
+            (len(name) + len(value) + 2 for name, value in request.raw_headers), default=0),
     )
-    call.notes["http_version"] = f"{request.version.major}.{request.version.minor}"
     if direction == "inbound" and request.transport is not None:
         sockname = request.transport.get_extra_info("sockname")
         if sockname:
-            call.notes["server_port"] = sockname[1]
-    # "name: value" as sent; the parser only bounds the value on its own.
-    call.notes[LONGEST_HEADER_LINE] = max(
-        (len(name) + len(value) + 2 for name, value in request.raw_headers), default=0)
+            call.server_port = sockname[1]
     if websocket.is_upgrade(request):
-        call.notes["websocket"] = True
-        call.notes["ws_protocols"] = request.headers.get("Sec-WebSocket-Protocol", "")
+        offered = request.headers.get("Sec-WebSocket-Protocol", "")
+        call.websocket_protocols = tuple(p.strip() for p in offered.split(",") if p.strip())
     if request.message.url.is_absolute():
-        call.notes["absolute_host"] = request.message.url.raw_authority
+        call.absolute_host = request.message.url.raw_authority
     return call
 
 

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from sidecar.http import problem
-from sidecar.http.edge import LONGEST_HEADER_LINE
+from sidecar.reasons import FAILURE_REASONS
 from sidecar.stack import (
     BodyTooLarge,
     Call,
@@ -50,7 +49,7 @@ def check_headers(*, max_header_line: int) -> Layer:
     parsing, before a call exists.)"""
 
     async def check_headers_layer(call: Call, next: Handler) -> Reply:
-        if call.notes.get(LONGEST_HEADER_LINE, 0) > max_header_line:
+        if call.longest_header_line > max_header_line:
             return problem.reply(
                 "headers_too_large",
                 f"A request header line is longer than this sidecar's limit of "
@@ -84,39 +83,52 @@ def check_body(*, max_request_body: int) -> Layer:
 
 
 def answer_failures(*, who: str) -> Layer:
-    """Turns an upstream failure that no inner layer answered into problem+json.
+    """Turns an upstream failure that no inner layer answered into problem+json:
+    503 `upstream_connect_failure`, 504 `upstream_timeout` or 502 `upstream_reset`,
+    by the failure's kind (`reasons.FAILURE_REASONS`).
 
     `who` names the upstream in `detail` ("the app" inbound, the service outbound).
     """
 
     async def answer_failures_layer(call: Call, next: Handler) -> Reply:
-        name = who or call.target
         try:
             return await next(call)
         except UpstreamError as exc:
-            if exc.kind == "connect-failure":
-                return problem.reply(
-                    "upstream_connect_failure",
-                    f"No endpoint of {name} could be reached. Check that it is running "
-                    "and listening.",
-                )
-            if exc.kind in ("timeout", "per-try-timeout"):
-                return _timeout(name)
-            return problem.reply(
-                "upstream_reset",
-                f"{name} closed the connection before its response began.",
-            )
+            reason = FAILURE_REASONS.get(exc.kind, "upstream_reset")
         except TimeoutError:
-            return _timeout(name)
-        except asyncio.CancelledError:
-            raise
+            reason = "upstream_timeout"
+        name = who or call.target
+        return problem.reply(reason, _FAILURE_DETAIL[reason].format(name=name))
 
     return answer_failures_layer
 
 
-def _timeout(name: str) -> Reply:
-    return problem.reply(
-        "upstream_timeout",
-        f"{name} did not answer within the call's time. Raise the service's `timeout` "
-        "or find why it is slow.",
-    )
+_FAILURE_DETAIL = {
+    "upstream_connect_failure": "No endpoint of {name} could be reached. Check that it is "
+                                "running and listening.",
+    "upstream_timeout": "{name} did not answer within the call's time. Raise the service's "
+                        "`timeout` or find why it is slow.",
+    "upstream_reset": "{name} closed the connection before its response began.",
+}
+
+
+def answer_internal_errors() -> Layer:
+    """The last resort, just inside audit and metrics: any exception that escapes
+    the layers below becomes 500 `internal_error` problem+json, so audit and
+    metrics see an answer for every call and only cancellation (the caller
+    went away) passes through. The exception is logged by its type only: its
+    message may quote the request.
+    """
+
+    async def answer_internal_errors_layer(call: Call, next: Handler) -> Reply:
+        try:
+            return await next(call)
+        except Exception as exc:
+            log.error("call failed inside the sidecar", extra={"error": type(exc).__name__})
+            return problem.reply(
+                "internal_error",
+                "The sidecar failed on this request. Its log names the error; "
+                "retrying may help.",
+            )
+
+    return answer_internal_errors_layer

@@ -18,6 +18,12 @@ REASON = "x-sidecar-reason"
 ATTEMPTS = "x-sidecar-attempts"
 TIMEOUT_MS = "x-sidecar-timeout-ms"
 SIDECAR_PREFIX = "x-sidecar-"
+# Standard headers whose meaning the sidecar acts on.
+IDEMPOTENCY_KEY = "Idempotency-Key"
+RETRY_AFTER = "Retry-After"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+BAGGAGE = "baggage"
 
 
 def forwardable(

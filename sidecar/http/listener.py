@@ -4,16 +4,21 @@ aiohttp answers malformed requests itself with text/plain; here those answers
 become problem+json (400 `bad_request`, 431 `headers_too_large`), exception
 text never reaches a log (it may quote a header), and a client slower than
 `header_timeout` to send its request headers is cut off.
+
+This is the one module that touches aiohttp's private attributes (the
+protocol's parser state, a site's server, the client session's hidden
+resend): each is named and explained here, so an aiohttp upgrade has one
+place to check.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
@@ -35,9 +40,13 @@ class GuardedProtocol(web_protocol.RequestHandler):
     on_refused: OnRefused | None = None
     answer_headers: dict[str, str] = {}  # replaced per server, never mutated
 
+    max_headers: int = 100
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._head_lines = 0  # lines of the request head being received
+        self._last_head_lines = 0  # ... and of the last head the parser took (or refused)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -49,8 +58,12 @@ class GuardedProtocol(web_protocol.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         count = self._request_count
+        if not self._request_in_progress:
+            end = data.find(b"\r\n\r\n")
+            self._head_lines += (data if end < 0 else data[:end]).count(b"\n")
         super().data_received(data)
         if self._request_count != count:
+            self._last_head_lines, self._head_lines = self._head_lines, 0
             self._cancel_header_timer()
             self._fail_body_in_progress()
         elif (data and self._header_timer is None and not self._request_in_progress
@@ -97,7 +110,10 @@ class GuardedProtocol(web_protocol.RequestHandler):
         self.log_exception("request failed", exc_info=exc)
         if request.writer.output_size > 0:
             raise ConnectionError("response already begun")
-        if isinstance(exc, LineTooLong) or "Too many headers" in str(exc or ""):
+        # The request line plus more header lines than allowed: the parser
+        # refused the count (it says so only in words).
+        too_many = self._last_head_lines > self.max_headers + 1
+        if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and too_many):
             reason, detail = "headers_too_large", (
                 "A request header line or the number of headers is over this sidecar's "
                 "limits (limits.max_header_line, limits.max_headers).")
@@ -106,15 +122,9 @@ class GuardedProtocol(web_protocol.RequestHandler):
                 "The request is not well-formed HTTP/1.1 or is ambiguous (for example both "
                 "Content-Length and Transfer-Encoding). The connection is closed.")
         else:
-            response = web.Response(
-                status=500, content_type="application/problem+json", headers=self.answer_headers,
-                text=json.dumps({"type": "about:blank", "title": "Internal error",
-                                 "status": 500, "detail": "The sidecar failed on this request.",
-                                 "reason": None}))
-            response.force_close()
-            return response
+            reason, detail = "internal_error", "The sidecar failed on this request."
         reply = problem.reply(reason, detail, headers=self.answer_headers)
-        if self.on_refused is not None:
+        if self.on_refused is not None and reason != "internal_error":
             self.on_refused(reply)
         assert isinstance(reply.body, bytes)
         response = web.Response(status=reply.status, body=reply.body, headers=reply.headers)
@@ -139,25 +149,67 @@ class GuardedServer(web.Server):
             **kwargs,
         )
         self.header_timeout = limits.header_timeout
+        self.max_headers = limits.max_headers
         self.on_refused = on_refused
         self.answer_headers = answer_headers or {}
 
     def __call__(self) -> GuardedProtocol:
         protocol = GuardedProtocol(self, loop=self._loop, **self._kwargs)
         protocol.header_timeout = self.header_timeout
+        protocol.max_headers = self.max_headers
         protocol.on_refused = self.on_refused
         protocol.answer_headers = self.answer_headers
         return protocol
 
+    def finish_and_close(self) -> None:
+        """Drain: idle keep-alive connections close now, busy ones after their answer."""
+        for protocol in list(self.connections):
+            if protocol._request_in_progress:
+                protocol.close()
+            else:
+                protocol.force_close()
+
+
+class Listener:
+    """A started listener: its bound address, and the steps of a drain."""
+
+    def __init__(self, runner: web.BaseRunner, site: web.TCPSite,
+                 server: GuardedServer | None = None) -> None:
+        self._runner = runner
+        self._site = site
+        self._server = server
+
     @property
-    def open_connections(self) -> int:
-        return len(self.connections)
+    def address(self) -> tuple[str, int] | None:
+        """The bound (host, port): the real port when 0 was asked."""
+        server = self._site._server  # aiohttp keeps the asyncio server private
+        sockets = getattr(server, "sockets", None) or []
+        if not sockets:
+            return None
+        host, port = sockets[0].getsockname()[:2]
+        return host, port
+
+    @property
+    def busy(self) -> bool:
+        """Whether any client connection is still open."""
+        return self._server is not None and bool(self._server.connections)
+
+    def stop_accepting(self) -> None:
+        server = self._site._server
+        if server is not None:
+            server.close()
+
+    def finish_and_close(self) -> None:
+        if self._server is not None:
+            self._server.finish_and_close()
+
+    async def close(self) -> None:
+        await self._runner.cleanup()
 
 
 async def start(handler: RawHandler, host: str, port: int, *, limits: Limits,
                 on_refused: OnRefused | None = None,
-                answer_headers: dict[str, str] | None = None,
-                ) -> tuple[web.ServerRunner, web.TCPSite, GuardedServer]:
+                answer_headers: dict[str, str] | None = None) -> Listener:
     """Listen on host:port; `answer_headers` go on every answer made while parsing."""
     server = GuardedServer(handler, limits=limits, on_refused=on_refused,
                            answer_headers=answer_headers)
@@ -167,4 +219,25 @@ async def start(handler: RawHandler, host: str, port: int, *, limits: Limits,
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
     await site.start()
-    return runner, site, server
+    return Listener(runner, site, server)
+
+
+async def start_app(app: web.Application, host: str, port: int) -> Listener:
+    """Serve an ordinary aiohttp application (the admin port) on host:port."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return Listener(runner, site)
+
+
+def no_hidden_resend(session: aiohttp.ClientSession) -> None:
+    """Stop aiohttp's client from silently sending a request a second time.
+
+    After a reset or disconnect on a kept-alive connection aiohttp resends
+    GET, PUT, DELETE, ... on its own. That hidden retry would bypass the
+    retry layer (its attempt count, budget and `idempotent_methods`): every
+    resend must be the retry layer's. There is no public switch; aiohttp's
+    own test client turns it off this way.
+    """
+    session._retry_connection = False

@@ -8,14 +8,14 @@ before the response begins onto `UpstreamError` for `classify`.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.http import websocket
+from sidecar.http import listener, websocket
 from sidecar.http.headers import REASON
 from sidecar.stack import Call, Handler, Reply, RequestBodyError, UpstreamError
 
@@ -47,11 +47,8 @@ def new_session(*, connect_timeout: float = 1.0, idle: float = 30.0) -> aiohttp.
         max_line_size=MAX_RESPONSE_HEADER_LINE,
         max_field_size=MAX_RESPONSE_HEADER_LINE,
     )
-    # aiohttp silently sends GET, PUT, DELETE, ... a second time after a reset
-    # or disconnect. That hidden retry would bypass `retry` (its attempt count,
-    # budget and `idempotent_methods`): every resend must be the retry layer's.
-    # There is no public switch; aiohttp's own test client turns it off this way.
-    session._retry_connection = False
+    # Every resend must be the retry layer's, never aiohttp's own.
+    listener.no_hidden_resend(session)
     return session
 
 
@@ -124,20 +121,22 @@ async def _stream(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         response.release()
 
 
-def send_to(session: aiohttp.ClientSession, base_url: Callable[[Call], str], *,
-            connect_timeout: Callable[[Call], float]) -> Handler:
-    """Terminal handler sending each call to the URL `base_url(call)` chooses."""
+def send_to(session: aiohttp.ClientSession) -> Handler:
+    """Terminal handler: sends each call to `call.endpoint`, within the connect
+    timeout of `call.upstream` (outbound, `balance` chose the endpoint; inbound,
+    it is the app)."""
 
     async def send(call: Call) -> Reply:
-        if call.notes.get("websocket"):
+        assert call.upstream is not None and call.endpoint is not None, "call not routed"
+        connect_timeout = call.upstream.policy.connect_timeout
+        if call.websocket:
             try:
-                return await websocket.connect(session, call, base_url(call),
-                                               connect_timeout=connect_timeout(call))
+                return await websocket.connect(session, call, call.endpoint,
+                                               connect_timeout=connect_timeout)
             except aiohttp.ClientConnectorError as exc:
                 raise UpstreamError("connect-failure", sent=False) from exc
             except aiohttp.ClientError as exc:
                 raise UpstreamError("reset", sent=True) from exc
-        return await exchange(session, call, base_url(call),
-                              connect_timeout=connect_timeout(call))
+        return await exchange(session, call, call.endpoint, connect_timeout=connect_timeout)
 
     return send

@@ -18,6 +18,7 @@ from yarl import URL
 
 from sidecar.http import problem
 from sidecar.http.headers import REASON, forwardable
+from sidecar.reasons import REASONS
 from sidecar.stack import Call, Reply
 
 WEBSOCKET = "websocket"
@@ -35,7 +36,7 @@ def is_upgrade(request: web.BaseRequest) -> bool:
 async def connect(session: aiohttp.ClientSession, call: Call, base_url: str, *,
                   connect_timeout: float) -> Reply:
     """Open the upstream WebSocket; a refused handshake comes back as its status."""
-    protocols = [p.strip() for p in call.notes.get("ws_protocols", "").split(",") if p.strip()]
+    protocols = list(call.websocket_protocols or ())
     headers = forwardable(call.headers, drop=HANDSHAKE, drop_sidecar=False)
     url = URL(base_url.replace("http", "ws", 1) + call.target_path, encoded=True)
     try:
@@ -50,8 +51,9 @@ async def connect(session: aiohttp.ClientSession, call: Call, base_url: str, *,
         headers = CIMultiDict(exc.headers or {})
         reason = headers.get(REASON)
         status = exc.status or 502
-        if reason in problem.REASONS and problem.REASONS[reason][0] == status:
-            refused = problem.reply(reason, "The far side refused the WebSocket upgrade.")
+        known = REASONS.get(reason or "")
+        if known is not None and known.status == status:
+            refused = problem.reply(known.code, "The far side refused the WebSocket upgrade.")
             refused.made_here = False
             return refused
         return Reply(status=status, headers=headers, reason=reason)
@@ -61,7 +63,8 @@ async def connect(session: aiohttp.ClientSession, call: Call, base_url: str, *,
 async def relay(request: web.BaseRequest, reply: Reply, *,
                 headers: CIMultiDict[str]) -> web.StreamResponse:
     """Accept the client's upgrade (with `headers`) and relay frames until either side closes."""
-    upstream: aiohttp.ClientWebSocketResponse = reply.upgrade
+    upstream = reply.upgrade
+    assert upstream is not None, "relay takes a 101 reply"
     client = web.WebSocketResponse(
         protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False,
         max_msg_size=0,

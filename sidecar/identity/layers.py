@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sidecar.config.settings import Service
 from sidecar.http import problem
 from sidecar.http.headers import SOURCE, TOKEN
 from sidecar.identity.tokens import Minter, TokenError, Verifier
-from sidecar.inbound.policy import Policy
 from sidecar.stack import Call, Handler, Layer, Reply
 
 
-def attach_token(*, minter: Callable[[], Minter]) -> Layer:
+def attach_token(*, minter: Minter) -> Layer:
     """Outbound, per attempt: adds this service's token for the target's audience.
 
     Services outside the mesh (`mesh: false`) get no token. Any token the app
@@ -21,15 +19,15 @@ def attach_token(*, minter: Callable[[], Minter]) -> Layer:
 
     async def attach_token_layer(call: Call, next: Handler) -> Reply:
         call.headers.popall(TOKEN, None)
-        service: Service | None = call.notes.get("service")
-        if service is None or service.mesh:
-            call.headers[TOKEN] = minter().token_for(call.target)
+        if call.upstream is None or call.upstream.mesh:
+            call.headers[TOKEN] = minter.token_for(call.target)
         return await next(call)
 
     return attach_token_layer
 
 
-def verify_token(*, service: str, verifier: Verifier, policy: Policy) -> Layer:
+def verify_token(*, service: str, verifier: Verifier,
+                 is_public: Callable[[str], bool]) -> Layer:
     """Inbound: verifies `x-service-token` and sets `call.source` to the caller.
 
     Public paths pass without a token (an invalid one there is ignored, and
@@ -41,7 +39,7 @@ def verify_token(*, service: str, verifier: Verifier, policy: Policy) -> Layer:
     async def verify_token_layer(call: Call, next: Handler) -> Reply:
         token = call.headers.popall(TOKEN, [])
         call.headers.popall(SOURCE, None)
-        public = policy.is_public(call.path)
+        public = is_public(call.path)
         if len(token) > 1 and not public:
             return problem.reply("token_invalid", "More than one x-service-token was sent; "
                                  "send exactly one.")

@@ -5,47 +5,62 @@
 
 from __future__ import annotations
 
-from sidecar.audit import layer as auditing
+import aiohttp
+
+from sidecar.audit import layer as audit
+from sidecar.audit.log import AuditLog
+from sidecar.clock import Clock
+from sidecar.config.settings import Limits
 from sidecar.http import guards, transport
 from sidecar.identity.layers import verify_token
+from sidecar.identity.tokens import Verifier
+from sidecar.inbound.app import to_app
 from sidecar.inbound.normalise import normalise_path
-from sidecar.inbound.policy import authorize
+from sidecar.inbound.policy import Policy, authorize
 from sidecar.resilience.deadline import hold_deadline
-from sidecar.stack import Handler, compose
+from sidecar.stack import Handler, Target, compose
 from sidecar.telemetry import metrics, tracing
-from sidecar.wiring import Shared, Wiring
+from sidecar.telemetry.metrics import Metrics
+from sidecar.telemetry.tracing import Tracing
 
 
-def build(shared: Shared, wiring: Wiring) -> Handler:
-    config = wiring.config
-    app = config.inbound.app.rstrip("/")
+def build(
+    *,
+    # What the process keeps across reloads:
+    clock: Clock, session: aiohttp.ClientSession, audit_log: AuditLog, stats: Metrics,
+    tracer: Tracing,
+    # What one config decides:
+    limits: Limits, service: str, verifier: Verifier, policy: Policy, app: Target,
+) -> Handler:
     return compose(
         # Counts every answer, refusals included: outermost.
-        metrics.observe(metrics=shared.metrics, direction="inbound", clock=shared.clock),
+        metrics.observe(metrics=stats, direction="inbound", clock=clock),
         # Every decision is audited, refusals included.
-        auditing.record_decision(log=shared.audit, clock=shared.clock),
+        audit.record_decision(log=audit_log, clock=clock),
+        # Whatever escapes below is 500 internal_error, so the two above see an answer.
+        guards.answer_internal_errors(),
         # The SERVER span continues the caller's trace; its context goes to the app.
-        tracing.server_span(tracing=shared.tracing),
+        tracing.server_span(tracing=tracer),
         # No CONNECT tunnels, no asterisk form: 400 bad_request.
         guards.check_target(),
         # A header line over limits.max_header_line is refused: 431.
-        guards.check_headers(max_header_line=config.limits.max_header_line),
+        guards.check_headers(max_header_line=limits.max_header_line),
         # The path the policy judges is the path the app gets: normalise first.
-        normalise_path(routes=wiring.own_routes),
+        normalise_path(routes=app.routes),
         # A body over limits.max_request_body is refused before the app sees it.
-        guards.check_body(max_request_body=config.limits.max_request_body),
+        guards.check_body(max_request_body=limits.max_request_body),
         # Who is calling: a verified token, or 401. Sets x-source-service.
-        verify_token(service=config.service, verifier=wiring.verifier, policy=wiring.policy),
+        verify_token(service=service, verifier=verifier,
+                     is_public=policy.is_public),
         # In-flight gauge per verified caller: after the token check names it.
-        metrics.track_in_flight(metrics=shared.metrics, direction="inbound"),
+        metrics.track_in_flight(metrics=stats, direction="inbound"),
         # May they: default deny when a policy is present, or 403.
-        authorize(policy=wiring.policy),
+        authorize(policy=policy),
         # App failures become problem+json (503 connect failure, 504, 502).
         guards.answer_failures(who="the app"),
+        # The one place inbound traffic goes; its settings are `defaults`.
+        to_app(app=app),
         # The caller's x-sidecar-timeout-ms (what is left of its deadline) bounds the app call.
-        hold_deadline(timeout=config.defaults.timeout, clock=shared.clock),
-        terminal=transport.send_to(
-            shared.session, lambda call: app,
-            connect_timeout=lambda call: config.defaults.connect_timeout,
-        ),
+        hold_deadline(clock=clock),
+        terminal=transport.send_to(session),
     )

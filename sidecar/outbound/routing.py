@@ -9,21 +9,12 @@ is 404 `no_route`, and nothing is dialled: the sidecar is never an open proxy.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-from sidecar.config.settings import Service
 from sidecar.http import problem
 from sidecar.paths import RouteTable
-from sidecar.stack import Call, Handler, Layer, Reply
+from sidecar.stack import Call, Handler, Layer, Reply, Target
 
-ABSOLUTE_HOST = "absolute_host"
 GENERIC_ROUTES = RouteTable(())
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    service: Service
-    routes: RouteTable
 
 
 def host_name(authority: str) -> str:
@@ -39,9 +30,8 @@ def host_name(authority: str) -> str:
 def resolve(call: Call, targets: Mapping[str, Target], local_hosts: frozenset[str]
             ) -> tuple[Target | None, str]:
     """The target of `call` and the path to send, or (None, path) when nothing matches."""
-    absolute = call.notes.get(ABSOLUTE_HOST)
-    if absolute is not None:
-        return targets.get(host_name(absolute)), call.path
+    if call.absolute_host is not None:
+        return targets.get(host_name(call.absolute_host)), call.path
     host = host_name(call.headers.get("Host", ""))
     if host in targets:
         return targets[host], call.path
@@ -53,7 +43,8 @@ def resolve(call: Call, targets: Mapping[str, Target], local_hosts: frozenset[st
 
 
 def route(*, targets: Mapping[str, Target], local_hosts: frozenset[str]) -> Layer:
-    """Outermost routing layer: sets `call.target`, `call.route` and the service.
+    """Outbound: sets `call.target`, `call.route` and `call.upstream`, the routed target
+    whose settings every inner layer reads.
 
     Refuses with 404 `no_route` when the call names no configured service.
     """
@@ -69,10 +60,10 @@ def route(*, targets: Mapping[str, Target], local_hosts: frozenset[str]) -> Laye
                 "under `services` in the sidecar config: http://localhost:15001/<service>/...,"
                 " Host: <service>, or an absolute URL http://<service>/...",
             )
-        call.target = target.service.name
+        call.target = target.name
         call.path = path
         call.route = target.routes.template(path)
-        call.notes["service"] = target.service
+        call.upstream = target
         return await next(call)
 
     return route_layer

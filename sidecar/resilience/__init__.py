@@ -1,36 +1,17 @@
 """Resilience for outbound calls: classify, deadline, retry, breaker, bulkhead, endpoints.
 
-Settings come from `sidecar.config.settings`; state lives in per-service registries
-so a config reload can rebuild one service without touching the others; the
-layers read both. This module holds the two helpers every piece shares.
+Settings come from the call's routed target (`call.upstream.policy`); state
+lives in per-service registries so a config reload can rebuild one service
+without touching the others. This module holds the registry they share.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from typing import Generic, TypeAlias, TypeVar, cast
+from collections.abc import Iterator, Mapping
+from typing import Generic, TypeVar
 
-T = TypeVar("T")
 P = TypeVar("P")
 S = TypeVar("S")
-
-# One setting for every service, a mapping by service name, or a lookup function.
-PerService: TypeAlias = T | Mapping[str, T] | Callable[[str], T]
-
-
-def per_service(setting: PerService[T]) -> Callable[[str], T]:
-    """A lookup `service name -> setting` from any of the three forms.
-
-    A mapping without the name raises KeyError: routing only lets configured
-    services through, so a miss is a wiring bug, not a request to default.
-    """
-    if isinstance(setting, Mapping):
-        table = cast(Mapping[str, T], setting)
-        return table.__getitem__
-    if callable(setting):
-        return cast(Callable[[str], T], setting)
-    value = cast(T, setting)
-    return lambda _name: value
 
 
 class Registry(Generic[P, S]):

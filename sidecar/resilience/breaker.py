@@ -15,6 +15,7 @@ from typing import Literal
 from sidecar.clock import Clock
 from sidecar.config.settings import BreakerPolicy
 from sidecar.http import problem
+from sidecar.http.headers import RETRY_AFTER
 from sidecar.resilience import Registry
 from sidecar.resilience.classify import Outcome, classify
 from sidecar.stack import Call, Handler, Layer, Reply
@@ -185,5 +186,5 @@ def _refuse(service: str, breaker: Breaker) -> Reply:
         "circuit_open",
         f"Calls to {service} are paused after {breaker.policy.failure_threshold} consecutive "
         f"failures; the next trial call goes in about {wait} s. Check {service}'s health.",
-        headers={"Retry-After": str(wait)},
+        headers={RETRY_AFTER: str(wait)},
     )

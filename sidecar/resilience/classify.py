@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import enum
 
+from sidecar import reasons
 from sidecar.stack import Reply, RequestBodyError, UpstreamError
-
-# The sidecar's own refusals: no upstream was asked, so nothing is learnt about it.
-REFUSALS = frozenset({"bulkhead_full", "circuit_open"})
 
 
 class Outcome(enum.Enum):
@@ -29,8 +27,10 @@ class Outcome(enum.Enum):
 
 
 def is_refusal(result: Reply | BaseException) -> bool:
-    """True for a reply this sidecar made itself to refuse the call."""
-    return isinstance(result, Reply) and result.made_here and result.reason in REFUSALS
+    """True for a reply this sidecar made itself without asking the upstream
+    (`bulkhead_full`, `circuit_open`): it says nothing about the upstream."""
+    return (isinstance(result, Reply) and result.made_here
+            and reasons.is_local_refusal(result.reason))
 
 
 def failure_kind(result: Reply | BaseException) -> str | None:

@@ -14,11 +14,7 @@ from collections.abc import Callable
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.http import problem
 from sidecar.http.headers import TIMEOUT_MS
-from sidecar.resilience import PerService, per_service
 from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
-
-TIMEOUT_HEADER = "x-sidecar-timeout-ms"
-
 
 FAR_SIDE_MARGIN = 0.05
 
@@ -46,24 +42,22 @@ def asked_timeout(value: str | None) -> float | None:
     return millis / 1000 if millis > 0 else None
 
 
-def deadline(*, timeout: PerService[float], clock: Clock) -> Layer:
+def deadline(*, clock: Clock) -> Layer:
     """Sets `call.deadline` and answers 504 `upstream_timeout` when it passes.
 
-    The limit is the target's `timeout`, shortened (never lengthened) by the
+    The limit is the routed target's `timeout`, shortened (never lengthened) by the
     app's `x-sidecar-timeout-ms`, which is then removed: the far sidecar gets
     the time left from `per_attempt` instead. Sits outside bulkhead and retry
     so the limit covers queueing, every attempt and every delay. An inner
     `UpstreamError("timeout")` (an attempt cut short by this same deadline)
     gets the same answer.
     """
-    timeout_for = per_service(timeout)
-    if isinstance(timeout, int | float) and timeout <= 0:
-        raise ValueError("timeout must be positive")
 
     async def deadline_layer(call: Call, next: Handler) -> Reply:
-        limit = timeout_for(call.target)
-        asked = asked_timeout(call.headers.get(TIMEOUT_HEADER))
-        call.headers.popall(TIMEOUT_HEADER, None)
+        assert call.upstream is not None, "deadline sits inside routing"
+        limit = call.upstream.policy.timeout
+        asked = asked_timeout(call.headers.get(TIMEOUT_MS))
+        call.headers.popall(TIMEOUT_MS, None)
         shortened = asked is not None and asked < limit
         if asked is not None:
             limit = min(limit, asked)
@@ -106,10 +100,9 @@ def _timed_out(service: str, limit: float, shortened: bool) -> Reply:
     )
 
 
-def per_attempt(
-    *, per_try_timeout: PerService[float], clock: Clock, in_mesh: PerService[bool] = True
-) -> Layer:
-    """Bounds one attempt to `per_try_timeout` or the time left, whichever is less.
+def per_attempt(*, clock: Clock) -> Layer:
+    """Bounds one attempt to the target's `retry.per_try_timeout` or the time left,
+    whichever is less.
 
     Sits innermost, just before the transport. When the bound passes it
     raises `UpstreamError("per-try-timeout", sent=True)`, or
@@ -119,20 +112,19 @@ def per_attempt(
     milliseconds, as `x-sidecar-timeout-ms` so the far sidecar holds its
     call to its app to it; services outside the mesh never see the header.
     """
-    per_try_for = per_service(per_try_timeout)
-    mesh_for = per_service(in_mesh)
 
     async def per_attempt_layer(call: Call, next: Handler) -> Reply:
-        per_try = per_try_for(call.target)
+        assert call.upstream is not None, "per_attempt sits inside routing"
+        per_try = call.upstream.policy.retry.per_try_timeout
         bound, by_deadline = _attempt_bound(per_try, remaining(call, clock))
         if bound <= 0:
             raise UpstreamError("timeout", sent=False)
-        call.headers.popall(TIMEOUT_HEADER, None)
-        if mesh_for(call.target):
+        call.headers.popall(TIMEOUT_MS, None)
+        if call.upstream.mesh:
             # The far side gives up a little before we do (50 ms, or a tenth of
             # a short bound), so its own 504 and reason reach the app first.
             margin = min(FAR_SIDE_MARGIN, bound / 10)
-            call.headers[TIMEOUT_HEADER] = str(max(1, int((bound - margin) * 1000)))
+            call.headers[TIMEOUT_MS] = str(max(1, int((bound - margin) * 1000)))
         scope = asyncio.timeout(bound)
 
         def restart() -> float:
@@ -193,16 +185,17 @@ def _reschedule(scope: asyncio.Timeout, when: float | None) -> None:
         pass  # the scope has already ended: nothing left to time
 
 
-def hold_deadline(*, timeout: float, clock: Clock = SYSTEM_CLOCK) -> Layer:
+def hold_deadline(*, clock: Clock = SYSTEM_CLOCK) -> Layer:
     """Inbound: the calling sidecar's `x-sidecar-timeout-ms` bounds the app call.
 
-    It only shortens the service's own timeout (a value that is not a positive
+    It only shortens the app target's timeout (`defaults.timeout`) (a value that is not a positive
     whole number of milliseconds is ignored); the header is not passed on to
     the app. Expiry is answered by the failure layer as 504.
     """
 
     async def hold_deadline_layer(call: Call, next: Handler) -> Reply:
-        budget = timeout
+        assert call.upstream is not None, "hold_deadline sits inside to_app"
+        budget = call.upstream.policy.timeout
         for value in call.headers.popall(TIMEOUT_MS, []):
             asked = asked_timeout(value)
             if asked is not None:

@@ -1,4 +1,9 @@
-"""Endpoint choice per attempt, and the outcome fed back for outlier detection."""
+"""Endpoint pools per service, and the layer that picks one per attempt.
+
+`Pools` keeps an `Endpoints` (see `endpoints.py`) per target service across
+reloads that leave the service unchanged; `balance` sets `call.endpoint` for
+each attempt and feeds its outcome back for outlier detection.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,6 @@ from sidecar.resilience.endpoints import Endpoints
 from sidecar.stack import Call, Handler, Layer, Reply
 from sidecar.tasks import TaskGroup
 
-ENDPOINT = "endpoint"
 OnEject = Callable[[str, str, float], None]
 
 
@@ -76,8 +80,8 @@ def balance(*, pools: Pools) -> Layer:
 
     async def balance_layer(call: Call, next: Handler) -> Reply:
         endpoint = pools.for_service(call.target).pick()
-        call.notes[ENDPOINT] = endpoint.url
-        call.scheme, call.notes["server_port"] = _scheme_and_port(endpoint.url)
+        call.endpoint = endpoint.url
+        call.scheme, call.server_port = _scheme_and_port(endpoint.url)
         endpoint.start()
         try:
             reply = await next(call)
@@ -98,7 +102,3 @@ def _scheme_and_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     return parts.scheme, parts.port or (443 if parts.scheme == "https" else 80)
 
-
-def chosen_endpoint(call: Call) -> str:
-    """The URL `balance` chose for this attempt (for the terminal handler)."""
-    return str(call.notes[ENDPOINT])

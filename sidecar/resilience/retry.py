@@ -16,13 +16,11 @@ from email.utils import parsedate_to_datetime
 
 from sidecar.clock import Clock
 from sidecar.config.settings import Backoff, RetryPolicy
-from sidecar.resilience import PerService, per_service
+from sidecar.http.headers import IDEMPOTENCY_KEY, RETRY_AFTER
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.classify import Outcome, classify, is_refusal
 from sidecar.resilience.deadline import remaining
 from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
-
-IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
 def backoff_delay(backoff: Backoff, retry: int, rng: random.Random) -> float:
@@ -33,7 +31,7 @@ def backoff_delay(backoff: Backoff, retry: int, rng: random.Random) -> float:
 
 def retry_after(reply: Reply, wall_now: float) -> float | None:
     """Seconds an upstream asked us to wait (`Retry-After`), or None if it asked nothing valid."""
-    value = reply.headers.get("Retry-After")
+    value = reply.headers.get(RETRY_AFTER)
     if value is None:
         return None
     value = value.strip()
@@ -86,7 +84,6 @@ def plan_delay(
 
 def retry(
     *,
-    policies: PerService[RetryPolicy],
     budgets: RetryBudgets,
     clock: Clock,
     rng: random.Random | None = None,
@@ -96,19 +93,20 @@ def retry(
     Sits inside the deadline and the bulkhead (a retry keeps its slot and its
     time) and outside the breaker (every attempt counts there). Sets
     `call.attempts` (attempts made; a breaker refusal is none) and
-    `call.notes["retries"]`. It refuses nothing itself: when no retry is
-    allowed the last reply goes back as it came, or the last exception is
-    raised again for an outer layer to turn into a problem reply. Every reply
-    it drops is discarded so its connection goes back to the pool.
+    `call.retries`; the rules are the routed target's `retry` settings. It
+    refuses nothing itself: when no retry is allowed the last reply goes back
+    as it came, or the last exception is raised again for an outer layer to
+    turn into a problem reply. Every reply it drops is discarded so its
+    connection goes back to the pool.
     """
-    policy_for = per_service(policies)
     random_source = rng or random.Random()
 
     async def retry_layer(call: Call, next: Handler) -> Reply:
-        policy = policy_for(call.target)
+        assert call.upstream is not None, "retry sits inside routing"
+        policy = call.upstream.policy.retry
         budget = budgets.for_service(call.target)
         budget.record_request()
-        call.notes["retries"] = 0
+        call.retries = 0
         replayable = policy.attempts > 1 and await call.body.buffer(policy.max_body)
         retries = 0
         while True:
@@ -136,7 +134,7 @@ def retry(
                 return result
             budget.record_retry()
             retries += 1
-            call.notes["retries"] = retries
+            call.retries = retries
             if isinstance(result, Reply):
                 result.discard()
             await clock.sleep(delay)

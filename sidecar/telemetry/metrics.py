@@ -35,9 +35,9 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from sidecar import reasons
 from sidecar.clock import Clock
-from sidecar.stack import Call, Direction, Handler, Layer, Reply, UpstreamError, safe_method
-from sidecar.telemetry import known_reason
+from sidecar.stack import Call, Direction, Handler, Layer, Reply, safe_method
 
 DIRECTIONS = ("outbound", "inbound")
 BREAKER_STATES = ("closed", "open", "half-open")
@@ -47,13 +47,6 @@ ANONYMOUS = "anonymous"
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _SERVICE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
-# What a failure that escapes the stack would have been answered with (SPEC's table).
-_UPSTREAM_ANSWERS = {
-    "connect-failure": ("503", "upstream_connect_failure"),
-    "reset": ("502", "upstream_reset"),
-    "timeout": ("504", "upstream_timeout"),
-    "per-try-timeout": ("504", "upstream_timeout"),
-}
 NO_ANSWER = "0"  # the caller went away before any answer was sent
 
 
@@ -157,9 +150,9 @@ def observe(*, metrics: Metrics, direction: Direction, clock: Clock) -> Layer:
     Sits outermost (just inside the audit), so refusals (`no_route`,
     `token_invalid`, `circuit_open`, ...) are counted too; labels are read
     when the answer is known, after routing and the token check have named
-    the peer. A failure that escapes the stack is counted as the answer SPEC
-    gives it (an upstream timeout as 504, ...), a caller that went away with
-    code "0". Refuses nothing.
+    the peer. Inner failures arrive as replies (`guards.answer_internal_errors`
+    sits inside); a caller that went away is counted with code "0". Refuses
+    nothing.
     """
     _check_direction(direction)
 
@@ -167,16 +160,10 @@ def observe(*, metrics: Metrics, direction: Direction, clock: Clock) -> Layer:
         started = clock.monotonic()
         try:
             reply = await next(call)
-        except BaseException as exc:
-            code, reason = _escaped(exc)
-            metrics.answered(
-                direction,
-                metrics.peer(call),
-                call.method,
-                code,
-                reason,
-                clock.monotonic() - started,
-            )
+        except asyncio.CancelledError:
+            # The caller went away before any answer: counted with code "0".
+            metrics.answered(direction, metrics.peer(call), call.method, NO_ANSWER, "",
+                             clock.monotonic() - started)
             raise
         peer = metrics.peer(call)
         metrics.answered(
@@ -184,12 +171,11 @@ def observe(*, metrics: Metrics, direction: Direction, clock: Clock) -> Layer:
             peer,
             call.method,
             str(reply.status),
-            known_reason(reply.reason) or "",
+            reasons.known(reply.reason) or "",
             clock.monotonic() - started,
         )
-        retries = call.notes.get("retries", 0)
-        if retries:
-            metrics.retried(peer, retries)
+        if call.retries:
+            metrics.retried(peer, call.retries)
         return reply
 
     return observe_layer
@@ -219,10 +205,3 @@ def _check_direction(direction: str) -> None:
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}")
 
-
-def _escaped(exc: BaseException) -> tuple[str, str]:
-    if isinstance(exc, UpstreamError) and exc.kind in _UPSTREAM_ANSWERS:
-        return _UPSTREAM_ANSWERS[exc.kind]
-    if isinstance(exc, asyncio.CancelledError):
-        return NO_ANSWER, ""
-    return "500", ""

@@ -23,10 +23,7 @@ are never recorded (their messages may quote the request): `error.type` only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from multidict import CIMultiDict
-from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import (
     Span,
@@ -38,9 +35,10 @@ from opentelemetry.trace import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from sidecar.http.headers import BAGGAGE, TRACEPARENT, TRACESTATE
+from sidecar.reasons import known as known_reason
 from sidecar.resilience.classify import error_type
-from sidecar.stack import Call, Handler, Layer, Reply, safe_method
-from sidecar.telemetry import known_reason
+from sidecar.stack import Call, CallTrace, Handler, Layer, Reply, safe_method
 
 # The export side lives in `export.py`; these names are re-exported so one
 # import serves those who wire tracing in.
@@ -86,35 +84,12 @@ ATTRIBUTES = frozenset(
         "sidecar.reason",
     }
 )
-CONTEXT_HEADERS = ("traceparent", "tracestate")
-BAGGAGE = "baggage"
-
-# Keys in `call.notes`. `trace_id` is public (the audit log reads it); the
-# others belong to this module. `server_port` and `http_version` may be set by
-# whoever knows them (the transport, the listener) for `server.port` and
-# `network.protocol.version`.
-TRACE_ID = "trace_id"
-_TRACE = "trace"
-_ATTEMPT = "trace_attempt"
-SERVER_PORT = "server_port"
-HTTP_VERSION = "http_version"
+CONTEXT_HEADERS = (TRACEPARENT, TRACESTATE)
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
 # ---- the call's trace context
-
-
-@dataclass(frozen=True, slots=True)
-class CallTrace:
-    """The context a call came with (possibly empty) and the trace id it will carry."""
-
-    parent: Context
-    trace_id: int
-
-    @property
-    def trace_id_hex(self) -> str:
-        return f"{self.trace_id:032x}"
 
 
 class _HeaderGetter(Getter[CIMultiDict[str]]):
@@ -132,27 +107,24 @@ _GETTER = _HeaderGetter()
 def ensure_trace(call: Call, tracing: Tracing) -> CallTrace:
     """The call's trace: read once from its `traceparent`/`tracestate`, else a fresh id.
 
-    Kept in `call.notes`, so later attempts (whose headers already carry
-    an earlier attempt's context) still see what the caller sent; sets
-    `call.notes["trace_id"]` (32 hex digits) for the audit log.
+    Kept in `call.trace`, so later attempts (whose headers already carry an
+    earlier attempt's context) still see what the caller sent, and the audit
+    log reads its trace id there.
     """
-    known = call.notes.get(_TRACE)
-    if isinstance(known, CallTrace):
-        return known
+    if call.trace is not None:
+        return call.trace
     parent = _PROPAGATOR.extract(call.headers, getter=_GETTER)
     context = get_current_span(parent).get_span_context()
     trace_id = context.trace_id if context.is_valid else tracing.new_trace_id()
-    trace = CallTrace(parent=parent, trace_id=trace_id)
-    call.notes[_TRACE] = trace
-    call.notes[TRACE_ID] = trace.trace_id_hex
-    return trace
+    call.trace = CallTrace(parent=parent, trace_id=trace_id)
+    return call.trace
 
 
 def trace_context(*, tracing: Tracing) -> Layer:
     """Outbound, outermost: fixes the call's trace before anything can answer.
 
     Reads the app's W3C context once (retries later replace the header) and
-    sets `call.notes["trace_id"]`, so the audit record of a call that never
+    sets `call.trace`, so the audit record of a call that never
     reached an attempt (`no_route`, `circuit_open`, `bulkhead_full`) has the
     same trace id the app's own spans have. Makes no span and refuses nothing.
     """
@@ -176,8 +148,8 @@ def client_span(*, tracing: Tracing) -> Layer:
 
     async def client_span_layer(call: Call, next: Handler) -> Reply:
         trace = ensure_trace(call, tracing)
-        resend = int(call.notes.get(_ATTEMPT, 0))
-        call.notes[_ATTEMPT] = resend + 1
+        resend = trace.client_spans
+        trace.client_spans += 1
         span = tracing.start_span(
             _name(call), kind=SpanKind.CLIENT, parent=trace.parent, trace_id=trace.trace_id
         )
@@ -242,14 +214,13 @@ def _finish(
         "http.route": call.route,
         "url.path": call.route,  # templated: the raw path never leaves the call
         "url.scheme": call.scheme,
-        "network.protocol.version": str(call.notes.get(HTTP_VERSION, "1.1")),
+        "network.protocol.version": call.http_version,
     }
     if call.target:
         attributes["server.address"] = call.target
         attributes["sidecar.target"] = call.target
-    port = call.notes.get(SERVER_PORT)
-    if isinstance(port, int):
-        attributes["server.port"] = port
+    if call.server_port is not None:
+        attributes["server.port"] = call.server_port
     if call.source:
         attributes["sidecar.source"] = call.source
     peer = call.target if client else (call.source if call.source != "anonymous" else "")

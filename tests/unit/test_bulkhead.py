@@ -8,23 +8,15 @@ from multidict import CIMultiDict
 from sidecar.clock import FakeClock
 from sidecar.config.settings import BulkheadPolicy
 from sidecar.resilience.bulkhead import Bulkhead, Bulkheads, limit
-from sidecar.stack import Body, Call, Reply
+from sidecar.stack import Call, Reply
+from tests.support.calls import make_call as support_call
 
 T = TypeVar("T")
 
 
 def make_call(name: str = "") -> Call:
-    call = Call(
-        direction="outbound",
-        method="GET",
-        path="/",
-        query="",
-        headers=CIMultiDict(),
-        body=Body.empty(),
-        target="billing",
-    )
-    call.notes["name"] = name
-    return call
+    """A call to `billing`; `name` (its path) tells the gate which call it is."""
+    return support_call(f"/{name}", target_name="billing")
 
 
 class Gate:
@@ -35,7 +27,7 @@ class Gate:
         self.open: dict[str, asyncio.Event] = {}
 
     async def __call__(self, call: Call) -> Reply:
-        name = call.notes["name"]
+        name = call.path[1:]
         self.open[name] = asyncio.Event()
         self.entered.append(name)
         await self.open[name].wait()

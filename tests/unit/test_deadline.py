@@ -4,26 +4,24 @@ import pytest
 from multidict import CIMultiDict
 
 from sidecar.clock import FakeClock
+from sidecar.config.settings import ServicePolicy
+from sidecar.http.headers import TIMEOUT_MS as TIMEOUT_HEADER
 from sidecar.resilience.deadline import (
-    TIMEOUT_HEADER,
     asked_timeout,
     deadline,
     per_attempt,
     remaining,
 )
-from sidecar.stack import Body, Call, Reply, UpstreamError
+from sidecar.stack import Call, Reply, UpstreamError
+from tests.support.calls import make_call as support_call
+from tests.support.calls import target
 
 
-def make_call(**headers: str) -> Call:
-    return Call(
-        direction="outbound",
-        method="GET",
-        path="/claims",
-        query="",
-        headers=CIMultiDict(headers),
-        body=Body.empty(),
-        target="billing",
-    )
+def make_call(timeout: float = 10.0, per_try: float = 3.0, mesh: bool = True,
+              **headers: str) -> Call:
+    """A call routed to `billing` with these settings."""
+    to = target("billing", timeout=timeout, per_try_timeout=per_try, mesh=mesh)
+    return support_call("/claims", headers=headers, to=to)
 
 
 def ok() -> Reply:
@@ -71,8 +69,8 @@ async def test_deadline_is_now_plus_timeout(clock: FakeClock) -> None:
         seen.append(call.deadline)
         return ok()
 
-    layer = deadline(timeout=10.0, clock=clock)
-    await layer(make_call(), next)
+    layer = deadline(clock=clock)
+    await layer(make_call(timeout=10.0), next)
     assert seen == [clock.now + 10.0]
 
 
@@ -83,8 +81,8 @@ async def test_header_shortens_and_is_removed(clock: FakeClock) -> None:
         seen.append(call)
         return ok()
 
-    layer = deadline(timeout=10.0, clock=clock)
-    await layer(make_call(**{TIMEOUT_HEADER: "1500"}), next)
+    layer = deadline(clock=clock)
+    await layer(make_call(timeout=10.0, **{TIMEOUT_HEADER: "1500"}), next)
     assert seen[0].deadline == clock.now + 1.5
     assert TIMEOUT_HEADER not in seen[0].headers
 
@@ -96,16 +94,16 @@ async def test_header_never_lengthens(clock: FakeClock) -> None:
         seen.append(call.deadline)
         return ok()
 
-    layer = deadline(timeout={"billing": 2.0}, clock=clock)
-    call = make_call(**{TIMEOUT_HEADER: "60000"})
+    layer = deadline(clock=clock)
+    call = make_call(timeout=2.0, **{TIMEOUT_HEADER: "60000"})
     await layer(call, next)
     assert seen == [clock.now + 2.0]
     assert TIMEOUT_HEADER not in call.headers
 
 
 async def test_invalid_header_is_ignored_and_removed(clock: FakeClock) -> None:
-    layer = deadline(timeout=3.0, clock=clock)
-    call = make_call(**{TIMEOUT_HEADER: "soon"})
+    layer = deadline(clock=clock)
+    call = make_call(timeout=3.0, **{TIMEOUT_HEADER: "soon"})
 
     async def next(call: Call) -> Reply:
         return ok()
@@ -117,13 +115,13 @@ async def test_invalid_header_is_ignored_and_removed(clock: FakeClock) -> None:
 
 async def test_overrun_answers_504(loop_on: FakeClock) -> None:
     clock = loop_on
-    layer = deadline(timeout=2.0, clock=clock)
+    layer = deadline(clock=clock)
 
     async def slow(call: Call) -> Reply:
         await hang_after(clock, 2.5)
         return ok()
 
-    reply = await layer(make_call(), slow)
+    reply = await layer(make_call(timeout=2.0), slow)
     assert reply.status == 504
     assert reply.reason == "upstream_timeout"
     assert reply.made_here
@@ -132,13 +130,13 @@ async def test_overrun_answers_504(loop_on: FakeClock) -> None:
 
 async def test_overrun_detail_does_not_echo_the_header(loop_on: FakeClock) -> None:
     clock = loop_on
-    layer = deadline(timeout=5.0, clock=clock)
+    layer = deadline(clock=clock)
 
     async def slow(call: Call) -> Reply:
         await hang_after(clock, 1)
         return ok()
 
-    reply = await layer(make_call(**{TIMEOUT_HEADER: "777"}), slow)
+    reply = await layer(make_call(timeout=5.0, **{TIMEOUT_HEADER: "777"}), slow)
     assert reply.status == 504
     assert b"777" not in reply.body  # type: ignore[operator]
 
@@ -147,7 +145,7 @@ async def test_inner_timeout_error_becomes_504(clock: FakeClock) -> None:
     async def next(call: Call) -> Reply:
         raise UpstreamError("timeout", sent=True)
 
-    reply = await deadline(timeout=1.0, clock=clock)(make_call(), next)
+    reply = await deadline(clock=clock)(make_call(timeout=1.0), next)
     assert reply.status == 504
 
 
@@ -156,18 +154,19 @@ async def test_other_errors_pass_through(clock: FakeClock) -> None:
         raise UpstreamError("reset", sent=True)
 
     with pytest.raises(UpstreamError):
-        await deadline(timeout=1.0, clock=clock)(make_call(), next)
+        await deadline(clock=clock)(make_call(timeout=1.0), next)
 
     async def foreign_timeout(call: Call) -> Reply:
         raise TimeoutError  # not ours: must not be mistaken for the deadline
 
     with pytest.raises(TimeoutError):
-        await deadline(timeout=1.0, clock=clock)(make_call(), foreign_timeout)
+        await deadline(clock=clock)(make_call(timeout=1.0), foreign_timeout)
 
 
 def test_deadline_rejects_nonpositive_timeout(clock: FakeClock) -> None:
+    # The setting is checked once, where it is made (the loader refuses it too).
     with pytest.raises(ValueError):
-        deadline(timeout=0.0, clock=clock)
+        ServicePolicy(timeout=0.0)
 
 
 async def test_per_attempt_sends_time_left_to_far_sidecar(clock: FakeClock) -> None:
@@ -177,8 +176,8 @@ async def test_per_attempt_sends_time_left_to_far_sidecar(clock: FakeClock) -> N
         sent.append(call.headers[TIMEOUT_HEADER])
         return ok()
 
-    layer = per_attempt(per_try_timeout=3.0, clock=clock)
-    call = make_call()
+    layer = per_attempt(clock=clock)
+    call = make_call(per_try=3.0)
     call.deadline = clock.now + 10
     await layer(call, next)
     call.deadline = clock.now + 1.2345
@@ -196,14 +195,14 @@ async def test_per_attempt_outside_mesh_sends_no_header(clock: FakeClock) -> Non
         assert TIMEOUT_HEADER not in call.headers
         return ok()
 
-    layer = per_attempt(per_try_timeout=3.0, clock=clock, in_mesh={"billing": False})
-    assert (await layer(make_call(), next)).status == 200
+    layer = per_attempt(clock=clock)
+    assert (await layer(make_call(per_try=3.0, mesh=False), next)).status == 200
 
 
 async def test_per_attempt_expiry_is_per_try_timeout(loop_on: FakeClock) -> None:
     clock = loop_on
-    layer = per_attempt(per_try_timeout=1.0, clock=clock)
-    call = make_call()
+    layer = per_attempt(clock=clock)
+    call = make_call(per_try=1.0)
     call.deadline = clock.now + 10
 
     async def slow(call: Call) -> Reply:
@@ -218,8 +217,8 @@ async def test_per_attempt_expiry_is_per_try_timeout(loop_on: FakeClock) -> None
 
 async def test_per_attempt_expiry_on_deadline_is_timeout(loop_on: FakeClock) -> None:
     clock = loop_on
-    layer = per_attempt(per_try_timeout=3.0, clock=clock)
-    call = make_call()
+    layer = per_attempt(clock=clock)
+    call = make_call(per_try=3.0)
     call.deadline = clock.now + 0.5
 
     async def slow(call: Call) -> Reply:
@@ -238,18 +237,18 @@ async def test_per_attempt_with_no_time_left_sends_nothing(clock: FakeClock) -> 
         calls.append(call)
         return ok()
 
-    call = make_call()
+    call = make_call(per_try=3.0)
     call.deadline = clock.now - 1
     with pytest.raises(UpstreamError) as caught:
-        await per_attempt(per_try_timeout=3.0, clock=clock)(call, next)
+        await per_attempt(clock=clock)(call, next)
     assert caught.value.kind == "timeout" and not caught.value.sent
     assert calls == []
 
 
 async def test_deadline_and_per_attempt_together_answer_504(loop_on: FakeClock) -> None:
     clock = loop_on
-    outer = deadline(timeout=1.0, clock=clock)
-    inner = per_attempt(per_try_timeout=3.0, clock=clock)
+    outer = deadline(clock=clock)
+    inner = per_attempt(clock=clock)
 
     async def slow(call: Call) -> Reply:
         await hang_after(clock, 2)
@@ -258,5 +257,5 @@ async def test_deadline_and_per_attempt_together_answer_504(loop_on: FakeClock) 
     async def chain(call: Call) -> Reply:
         return await inner(call, slow)
 
-    reply = await outer(make_call(), chain)
+    reply = await outer(make_call(timeout=1.0, per_try=3.0), chain)
     assert reply.status == 504

@@ -19,34 +19,28 @@ from sidecar.identity.layers import attach_token, verify_token
 from sidecar.identity.tokens import Minter, Verifier
 from sidecar.inbound.normalise import normalise_path
 from sidecar.inbound.policy import Policy, authorize
-from sidecar.outbound.routing import ABSOLUTE_HOST, Target, resolve, route
+from sidecar.outbound.routing import resolve, route
 from sidecar.paths import RouteTable
-from sidecar.stack import Body, BodyTooLarge, Call, MalformedBody, Reply, UpstreamError
+from sidecar.stack import (
+    Body,
+    BodyTooLarge,
+    Call,
+    Direction,
+    MalformedBody,
+    Reply,
+    Target,
+    UpstreamError,
+)
+from tests.support.calls import Next, make_call, target
 
 LOCAL = frozenset({"localhost", "127.0.0.1"})
 
 
 def call(path: str = "/", *, host: str = "localhost", method: str = "GET",
-         direction: str = "outbound", **notes: object) -> Call:
-    headers: CIMultiDict[str] = CIMultiDict({"Host": host})
-    c = Call(direction=direction, method=method, path=path, query="",  # type: ignore[arg-type]
-             headers=headers, body=Body.empty())
-    c.notes.update(notes)
+         direction: Direction = "outbound", absolute_host: str | None = None) -> Call:
+    c = make_call(path, host=host, method=method, direction=direction)
+    c.absolute_host = absolute_host
     return c
-
-
-class Next:
-    """A scripted `next` that records the calls it saw."""
-
-    def __init__(self, reply: Reply | Exception | None = None) -> None:
-        self.calls: list[Call] = []
-        self.reply = reply or Reply(status=200, headers=CIMultiDict())
-
-    async def __call__(self, c: Call) -> Reply:
-        self.calls.append(c)
-        if isinstance(self.reply, Exception):
-            raise self.reply
-        return self.reply
 
 
 def targets(*names: str, routes: tuple[str, ...] = ()) -> dict[str, Target]:
@@ -59,10 +53,10 @@ def targets(*names: str, routes: tuple[str, ...] = ()) -> dict[str, Target]:
 
 def test_absolute_form_wins_and_never_falls_through() -> None:
     table = targets("billing", "other")
-    found, path = resolve(call("/claims", host="other", **{ABSOLUTE_HOST: "billing"}),
+    found, path = resolve(call("/claims", host="other", absolute_host="billing"),
                           table, LOCAL)
     assert found is not None and found.service.name == "billing" and path == "/claims"
-    found, _ = resolve(call("/claims", host="other", **{ABSOLUTE_HOST: "nowhere"}), table, LOCAL)
+    found, _ = resolve(call("/claims", host="other", absolute_host="nowhere"), table, LOCAL)
     assert found is None
 
 
@@ -122,14 +116,12 @@ def identity(tmp_path: Path) -> tuple[Minter, Verifier]:
 async def test_token_attached_for_mesh_services_only(identity: tuple[Minter, Verifier]) -> None:
     minter, verifier = identity
     downstream = Next()
-    layer = attach_token(minter=lambda: minter)
-    mesh_call = call("/x", service=Service(name="b", endpoints=("http://b",)))
-    mesh_call.target = "b"
+    layer = attach_token(minter=minter)
+    mesh_call = make_call("/x", to=target("b"))
     mesh_call.headers["x-service-token"] = "from-the-app"
     await layer(mesh_call, downstream)
     assert verifier.verify(downstream.calls[0].headers["x-service-token"]) == "a"
-    outside = call("/x", service=Service(name="payer", endpoints=("https://p",), mesh=False))
-    outside.target = "payer"
+    outside = make_call("/x", to=target("payer", endpoints=("https://p",), mesh=False))
     await layer(outside, downstream)
     assert "x-service-token" not in downstream.calls[1].headers
 
@@ -137,7 +129,7 @@ async def test_token_attached_for_mesh_services_only(identity: tuple[Minter, Ver
 async def test_verify_token_sets_source_and_hides_token(identity: tuple[Minter, Verifier]) -> None:
     minter, verifier = identity
     policy = Policy(rules=None, public_paths=("/health",))
-    layer = verify_token(service="b", verifier=verifier, policy=policy)
+    layer = verify_token(service="b", verifier=verifier, is_public=policy.is_public)
     downstream = Next()
     inbound = call("/claims", direction="inbound")
     inbound.headers["x-service-token"] = minter.token_for("b")
@@ -223,7 +215,7 @@ async def test_audit_records_decision_with_templated_route(tmp_path: Path) -> No
     log = AuditLog(tmp_path / "audit.jsonl", clock=FakeClock())
     await log.start()
     layer = record_decision(log=log, clock=FakeClock())
-    c = call("/patients/078-05-1120", traceparent="x")
+    c = call("/patients/078-05-1120")
     c.target, c.route, c.source = "b", "/patients/{id}", "a"
     c.headers["traceparent"] = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
     denied = Reply(status=403, headers=CIMultiDict(), reason="policy_denied", made_here=True)

@@ -9,7 +9,7 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.clock import FakeClock
-from sidecar.http import problem
+from sidecar.http import guards, problem
 from sidecar.stack import Body, Call, Direction, Handler, Reply, UpstreamError, compose
 from sidecar.telemetry.metrics import Metrics, observe, track_in_flight
 
@@ -199,15 +199,25 @@ async def test_inbound_peer_is_the_verified_source_or_anonymous() -> None:
 
 
 async def test_escaped_failures_are_counted_as_their_answer() -> None:
+    # Inside the stack nothing reaches metrics as an exception: the failure
+    # layer answers upstream failures and the last resort anything else.
     metrics = Metrics(peers=["insurance-verification"])
 
     async def timing_out(call: Call) -> Reply:
         raise UpstreamError("timeout", sent=True)
 
-    with pytest.raises(UpstreamError):
-        await compose(
-            observe(metrics=metrics, direction="outbound", clock=FakeClock()), terminal=timing_out
-        )(make_call())
+    async def broken(call: Call) -> Reply:
+        raise RuntimeError("a bug")
+
+    outer = (observe(metrics=metrics, direction="outbound", clock=FakeClock()),
+             guards.answer_internal_errors())
+    reply = await compose(*outer, guards.answer_failures(who=""), terminal=timing_out)(make_call())
+    assert reply.status == 504
+    reply = await compose(*outer, terminal=broken)(make_call())
+    assert (reply.status, reply.reason) == (500, "internal_error")
+    assert value(metrics, "sidecar_requests_total", direction="outbound",
+                 peer="insurance-verification", method="GET", code="500",
+                 reason="internal_error") == 1
     assert (
         value(
             metrics,

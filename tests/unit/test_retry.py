@@ -12,6 +12,8 @@ from sidecar.http import problem
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.retry import backoff_delay, retry, retry_after
 from sidecar.stack import Body, Call, Reply, UpstreamError
+from tests.support.calls import make_call as support_call
+from tests.support.calls import target
 
 GENEROUS = RetryBudget(ratio=1.0, min_per_second=100, window=10)
 
@@ -62,15 +64,12 @@ class Script:
 
 
 def make_call(method: str = "GET", body: Body | None = None, /, **headers: str) -> Call:
-    call = Call(
-        direction="outbound",
-        method=method,
-        path="/claims",
-        query="",
-        headers=CIMultiDict(headers),
-        body=body or Body.empty(),
-        target="billing",
-    )
+    return support_call("/claims", method=method, body=body, headers=headers, to=target("billing"))
+
+
+def routed(call: Call, policy: RetryPolicy | None) -> Call:
+    """Route `call` to a target whose retry settings are `policy`."""
+    call.upstream = target(call.target, retry=policy or RetryPolicy())
     return call
 
 
@@ -82,14 +81,13 @@ async def run(
     budgets: RetryBudgets | None = None,
 ) -> Reply:
     retry_layer = retry(
-        policies={"billing": policy or RetryPolicy()},
         budgets=budgets or RetryBudgets({"billing": GENEROUS}, clock),
         clock=clock,
         rng=random.Random(7),
     )
     if call.deadline is None:
         call.deadline = clock.now + 10
-    return await retry_layer(call, script)
+    return await retry_layer(routed(call, policy), script)
 
 
 # --- delays ---------------------------------------------------------------------------------
@@ -127,7 +125,7 @@ async def test_get_retried_until_success(clock: FakeClock) -> None:
     reply = await run(clock, call, script)
     assert reply is third
     assert script.attempts == 3 and call.attempts == 3
-    assert call.notes["retries"] == 2
+    assert call.retries == 2
     assert released(first) == 1 and released(second) == 1 and released(third) == 0
     assert len(clock.sleeps) == 2
     assert 0 <= clock.sleeps[0] < 0.025 and 0 <= clock.sleeps[1] < 0.05
@@ -162,7 +160,7 @@ async def test_success_and_4xx_not_retried(clock: FakeClock) -> None:
     script = Script([answer(404), answer(200)])
     call = make_call()
     assert (await run(clock, call, script)).status == 404
-    assert script.attempts == 1 and call.notes["retries"] == 0
+    assert script.attempts == 1 and call.retries == 0
 
 
 async def test_post_not_retried(clock: FakeClock) -> None:
@@ -282,11 +280,9 @@ async def test_no_retry_when_the_delay_would_use_up_the_deadline(clock: FakeCloc
         script = Script([answer(503), answer(200)])
         call = make_call()
         call.deadline = clock.now + 2.5
-        retry_layer = retry(
-            policies=policy, budgets=RetryBudgets({}, clock), clock=clock, rng=random.Random(seed)
-        )
+        retry_layer = retry(budgets=RetryBudgets({}, clock), clock=clock, rng=random.Random(seed))
         clock.sleeps.clear()
-        results.append((await retry_layer(call, script)).status)
+        results.append((await retry_layer(routed(call, policy), script)).status)
         assert all(s < 2.5 for s in clock.sleeps)
     assert set(results) == {200, 503}  # delays under 2.5 s retry, the others do not
 
@@ -307,7 +303,7 @@ async def test_budget_bounds_retries_of_many_failing_calls(clock: FakeClock) -> 
         reply = await run(clock, call, script, quick, budgets=budgets)
         assert reply.status == 503 and released(reply) == 0
         total_attempts += script.attempts
-        total_retries += call.notes["retries"]
+        total_retries += call.retries
     assert total_retries == total_attempts - 200
     assert total_retries == 1 * 10 + 0.2 * 200  # min_per_second * window + ratio * requests
 
@@ -318,12 +314,12 @@ async def test_budget_is_per_service(clock: FakeClock) -> None:
     script = Script([answer(503), answer(503), answer(200)])
     call = make_call()
     await run(clock, call, script, budgets=budgets)
-    assert call.notes["retries"] == 1  # one retry allowed in the window, then the answer
+    assert call.retries == 1  # one retry allowed in the window, then the answer
     other = make_call()
     other.target = "claims"
-    retry_layer = retry(policies=RetryPolicy(), budgets=budgets, clock=clock)
+    retry_layer = retry(budgets=budgets, clock=clock)
     other.deadline = clock.now + 10
-    reply = await retry_layer(other, Script([answer(503), answer(200)]))
+    reply = await retry_layer(routed(other, RetryPolicy()), Script([answer(503), answer(200)]))
     assert reply.status == 200
 
 
@@ -341,15 +337,10 @@ async def test_breaker_refusal_is_returned_and_not_counted_as_attempt(clock: Fak
     assert released(first) == 1
 
 
-async def test_callable_policies(clock: FakeClock) -> None:
-    retry_layer = retry(
-        policies=lambda name: RetryPolicy(attempts=4),
-        budgets=RetryBudgets({}, clock),
-        clock=clock,
-        rng=random.Random(1),
-    )
+async def test_policy_comes_from_the_routed_target(clock: FakeClock) -> None:
+    retry_layer = retry(budgets=RetryBudgets({}, clock), clock=clock, rng=random.Random(1))
     script = Script([answer(503)] * 4)
     call = make_call()
     call.deadline = clock.now + 10
-    await retry_layer(call, script)
+    await retry_layer(routed(call, RetryPolicy(attempts=4)), script)
     assert script.attempts == 4

@@ -101,6 +101,12 @@ def retry_twice() -> Layer:
     return layer
 
 
+def trace_id_of(call: Call) -> str:
+    """The trace id the audit log will record for `call`."""
+    assert call.trace is not None
+    return call.trace.trace_id_hex
+
+
 def ok(status: int = 200, reason: str | None = None) -> Reply:
     return Reply(status=status, headers=CIMultiDict(), reason=reason)
 
@@ -256,7 +262,7 @@ async def test_client_span_per_attempt_reaches_the_collector(receiver: OtlpRecei
         "http.request.resend_count": 1,
         "http.response.status_code": 200,
     }
-    assert call.notes["trace_id"] == APP_TRACE
+    assert trace_id_of(call) == APP_TRACE
     assert_phi_free(spans)
     tracing.shutdown()
 
@@ -273,7 +279,7 @@ async def test_server_span_passes_its_context_to_the_app(receiver: OtlpReceiver)
 
     handler = compose(server_span(tracing=tracing), verify_and_normalise, terminal=app)
     call = make_call("inbound", method="POST")
-    call.notes["server_port"] = 15006
+    call.server_port = 15006
 
     await handler(call)
 
@@ -291,7 +297,7 @@ async def test_server_span_passes_its_context_to_the_app(receiver: OtlpReceiver)
     assert span["attributes"]["server.port"] == 15006
     assert span["attributes"]["http.response.status_code"] == 201
     assert set(span["attributes"]) <= ATTRIBUTES
-    assert call.notes["trace_id"] == APP_TRACE
+    assert trace_id_of(call) == APP_TRACE
     assert_phi_free([span])
     tracing.shutdown()
 
@@ -322,12 +328,12 @@ async def test_trace_id_exists_with_export_off() -> None:
     await handler(first)
     await handler(second)
 
-    ids = [first.notes["trace_id"], second.notes["trace_id"]]
+    ids = [trace_id_of(first), trace_id_of(second)]
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) and i != "0" * 32 for i in ids)
     assert ids[0] != ids[1]
     for call, sent in zip((first, second), upstream.seen, strict=True):
         match = TRACEPARENT_FORMAT.match(sent["traceparent"])
-        assert match is not None and match.group(1) == call.notes["trace_id"]
+        assert match is not None and match.group(1) == trace_id_of(call)
     assert tracing.dropped == 0
     tracing.shutdown()
 
@@ -340,11 +346,11 @@ async def test_trace_id_exists_when_no_attempt_is_made() -> None:
 
     call = make_call(traceparent=None)
     await compose(trace_context(tracing=tracing), terminal=no_route)(call)
-    assert re.fullmatch(r"[0-9a-f]{32}", call.notes["trace_id"])
+    assert re.fullmatch(r"[0-9a-f]{32}", trace_id_of(call))
 
     kept = make_call()
     await compose(trace_context(tracing=tracing), terminal=no_route)(kept)
-    assert kept.notes["trace_id"] == APP_TRACE
+    assert trace_id_of(kept) == APP_TRACE
 
 
 async def test_trace_id_exists_with_sdk_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -354,7 +360,7 @@ async def test_trace_id_exists_with_sdk_disabled(monkeypatch: pytest.MonkeyPatch
     call = make_call(traceparent=None)
     await compose(client_span(tracing=tracing), terminal=upstream)(call)
     match = TRACEPARENT_FORMAT.match(upstream.seen[0]["traceparent"])
-    assert match is not None and match.group(1) == call.notes["trace_id"]
+    assert match is not None and match.group(1) == trace_id_of(call)
     assert tracing.plan.exporter == "none"
 
 
@@ -366,7 +372,7 @@ async def test_attempts_without_incoming_context_share_one_trace() -> None:
     assert tracing.force_flush()
     spans = exporter.get_finished_spans()
     assert len(spans) == 2
-    assert {format(s.context.trace_id, "032x") for s in spans} == {call.notes["trace_id"]}
+    assert {format(s.context.trace_id, "032x") for s in spans} == {trace_id_of(call)}
     assert all(s.parent is None for s in spans)  # roots: there is no parent to point at
     tracing.shutdown()
 
