@@ -9,7 +9,7 @@ attempt's outcome with `record()`, or `release()` when it was cancelled.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 from sidecar.clock import Clock
@@ -140,6 +140,11 @@ class Breakers(Registry[BreakerPolicy, Breaker]):
 
     def _build(self, name: str, policy: BreakerPolicy) -> Breaker:
         return Breaker(policy, self.clock, service=name, on_change=self.on_change)
+
+    def states(self) -> Iterator[tuple[str, State]]:
+        """Every configured service with its breaker's state."""
+        for name, breaker in self.items():
+            yield name, breaker.state
 
 
 def guard(*, breakers: Breakers) -> Layer:

@@ -242,19 +242,21 @@ async def test_in_flight_rises_and_falls() -> None:
 
 
 def test_circuit_state_is_one_for_the_current_state_only() -> None:
-    metrics = Metrics(peers=["insurance-verification"])
+    breaker = {"insurance-verification": "closed"}
+    metrics = Metrics(peers=["insurance-verification"], circuit_states=breaker.items)
     assert (
         value(metrics, "sidecar_circuit_state", peer="insurance-verification", state="closed") == 1
     )
-    metrics.breaker_changed("insurance-verification", "half-open")
+    breaker["insurance-verification"] = "half-open"  # read at the next scrape
     states = {
         labels["state"]: v
         for labels, v in samples(metrics, "sidecar_circuit_state")
         if labels["peer"] == "insurance-verification"
     }
     assert states == {"closed": 0, "open": 0, "half-open": 1}
+    breaker["insurance-verification"] = "tripped"
     with pytest.raises(ValueError):
-        metrics.breaker_changed("insurance-verification", "tripped")
+        metrics.render()
 
 
 def test_retries_and_ejections_count_per_peer() -> None:
