@@ -140,6 +140,55 @@ def test_on_change_reports_every_transition(clock: FakeClock) -> None:
     ]
 
 
+def test_reading_the_state_changes_nothing(clock: FakeClock) -> None:
+    seen: list[tuple[str, str, str]] = []
+    breakers = Breakers({"billing": POLICY}, clock, on_change=lambda *c: seen.append(c))
+    breaker = breakers.for_service("billing")
+    for _ in range(3):
+        breaker.record(Outcome.FAILURE)
+    generation = breaker.generation
+    seen.clear()
+    clock.advance(30)
+    for _ in range(3):
+        assert breaker.state == "half-open"
+        assert breaker.retry_after() == 1
+        assert dict(breakers.items()) == {"billing": breaker}
+    assert seen == []
+    assert breaker.generation == generation
+    assert breaker.allow()  # an action: this makes the change the reads reported
+    assert seen == [("billing", "open", "half-open")]
+    assert breaker.generation == generation + 1
+    assert breaker.allow()
+    assert not breaker.allow()  # still exactly half_open_max_calls probes
+
+
+def test_reading_an_open_state_changes_nothing(clock: FakeClock) -> None:
+    seen: list[tuple[str, str, str]] = []
+    breaker = Breaker(POLICY, clock, service="billing", on_change=lambda *c: seen.append(c))
+    for _ in range(3):
+        breaker.record(Outcome.FAILURE)
+    generation = breaker.generation
+    clock.advance(29.5)
+    assert breaker.state == "open" and breaker.retry_after() == 1
+    assert seen == [("billing", "closed", "open")]
+    assert breaker.generation == generation
+
+
+def test_record_makes_the_change_before_counting(clock: FakeClock) -> None:
+    seen: list[tuple[str, str, str]] = []
+    breaker = Breaker(POLICY, clock, service="billing", on_change=lambda *c: seen.append(c))
+    assert breaker.allow()
+    slow = breaker.generation  # admitted while closed
+    for _ in range(3):
+        breaker.record(Outcome.FAILURE)
+    clock.advance(30)
+    assert breaker.state == "half-open" and len(seen) == 1
+    breaker.record(Outcome.SUCCESS, generation=slow)
+    assert seen[-1] == ("billing", "open", "half-open")  # the change is made ...
+    assert breaker.state == "half-open"  # ... and the late outcome ignored
+    assert breaker.allow() and breaker.allow() and not breaker.allow()
+
+
 def test_invalid_policy_refused(clock: FakeClock) -> None:
     with pytest.raises(ValueError):
         Breaker(BreakerPolicy(half_open_max_calls=0), clock)
