@@ -187,7 +187,7 @@ class CircuitCollector(Collector):
 def observe(*, metrics: Metrics, direction: Direction, clock: Clock) -> Layer:
     """Counts every answer and its duration: `sidecar_requests_total` and the histogram.
 
-    Sits outermost (just inside the audit), so refusals (`no_route`,
+    Sits outermost, outside the audit, in both stacks, so refusals (`no_route`,
     `token_invalid`, `circuit_open`, ...) are counted too; labels are read
     when the answer is known, after routing and the token check have named
     the peer. A failure that escapes the stack is counted as the answer SPEC
