@@ -75,9 +75,8 @@ def service_state(sidecar: Sidecar) -> dict[str, Any]:
     out: dict[str, Any] = {}
     shared = sidecar.shared
     for name in sidecar.config.services:
-        breaker = shared.breakers.for_service(name).state if shared else "closed"
         out[name] = {
-            "breaker": str(getattr(breaker, "value", breaker)),
+            "breaker": shared.breakers.for_service(name).state if shared else "closed",
             "in_flight": sidecar.in_flight(name),
             "endpoints": sidecar.endpoint_state(name),
         }
