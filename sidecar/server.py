@@ -60,16 +60,18 @@ class Sidecar:
         audit = AuditLog(config.audit.path, clock=self.clock)
         await audit.start()
         session = transport.new_session(connect_timeout=config.defaults.connect_timeout)
+        breakers = Breakers({}, self.clock, on_change=self._breaker_changed)
         self.shared = Shared(
             clock=self.clock,
             session=session,
             audit=audit,
-            breakers=Breakers({}, self.clock, on_change=self._breaker_changed),
+            breakers=breakers,
             budgets=RetryBudgets({}, self.clock),
             bulkheads=Bulkheads({}),
             pools=Pools(clock=self.clock, tasks=self.tasks, session=session,
                         on_eject=self._ejected),
-            metrics=Metrics(peers=config.services),
+            # `/metrics` reads each breaker's state when scraped.
+            metrics=Metrics(peers=config.services, circuit_states=breakers.states),
             tracing=setup_tracing(config.tracing, service_name=config.service),
         )
         self._reload_state(config)
@@ -135,10 +137,6 @@ class Sidecar:
 
     def render_metrics(self) -> tuple[bytes, str]:
         assert self.shared is not None
-        # A breaker turns half-open when its recovery time has passed, which it
-        # notices when asked: ask each, so the circuit gauge is current.
-        for _name, breaker in self.shared.breakers.items():
-            _ = breaker.state
         return self.shared.metrics.render()
 
     # -- the two data-path edges ---------------------------------------------
@@ -200,8 +198,6 @@ class Sidecar:
     def _breaker_changed(self, service: str, old: str, new: str) -> None:
         log.warning("circuit breaker changed", extra={"peer": service, "previous": old,
                                                        "state": new})
-        if self.shared is not None:
-            self.shared.metrics.breaker_changed(service, new)
 
     def reload(self) -> bool:
         """Re-read config, keys and JWKS; swap them in whole, or keep the old on error."""

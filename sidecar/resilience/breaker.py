@@ -9,7 +9,7 @@ attempt's outcome with `record()`, or `release()` when it was cancelled.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Literal
 
 from sidecar.clock import Clock
@@ -32,6 +32,10 @@ class Breaker:
     older generation (a call admitted before the change) is ignored, so a
     slow call from before the circuit opened can neither close it nor take
     a probe's place.
+
+    Reading `state` or `retry_after()` changes nothing: once `recovery_timeout`
+    has passed, an open circuit reads half-open, and the next `allow()` or
+    `record()` makes the change (new generation, no probes out, `on_change`).
     """
 
     def __init__(
@@ -56,7 +60,8 @@ class Breaker:
 
     @property
     def state(self) -> State:
-        self._wake()
+        if self._state == "open" and self._recovered():
+            return "half-open"
         return self._state
 
     @property
@@ -75,6 +80,7 @@ class Breaker:
 
     def record(self, outcome: Outcome, *, generation: int | None = None) -> None:
         """Count an admitted call's outcome; `generation` is the one it was admitted in."""
+        self._wake()  # first, so the outcome meets the state that `state` reports
         if generation is not None and generation != self.generation:
             return
         if self._state == "closed":
@@ -98,16 +104,17 @@ class Breaker:
 
     def retry_after(self) -> int:
         """Whole seconds until the next probe may go; at least 1."""
-        self._wake()
-        if self._state != "open":
+        if self.state != "open":
             return 1
         wait = self._opened_at + self.policy.recovery_timeout - self._clock.monotonic()
         return max(1, math.ceil(wait))
 
+    def _recovered(self) -> bool:
+        return self._clock.monotonic() >= self._opened_at + self.policy.recovery_timeout
+
     def _wake(self) -> None:
-        if self._state != "open":
-            return
-        if self._clock.monotonic() >= self._opened_at + self.policy.recovery_timeout:
+        # The open -> half-open change that `state` already reports, made by an action.
+        if self._state == "open" and self._recovered():
             self._move("half-open")
 
     def _open(self) -> None:
@@ -141,6 +148,11 @@ class Breakers(Registry[BreakerPolicy, Breaker]):
 
     def _build(self, name: str, policy: BreakerPolicy) -> Breaker:
         return Breaker(policy, self.clock, service=name, on_change=self.on_change)
+
+    def states(self) -> Iterator[tuple[str, State]]:
+        """Every configured service with its breaker's state; reading changes none of them."""
+        for name, breaker in self.items():
+            yield name, breaker.state
 
 
 def guard(*, breakers: Breakers) -> Layer:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -32,8 +32,10 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from sidecar import reasons
 from sidecar.clock import Clock
@@ -49,11 +51,24 @@ _SERVICE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 NO_ANSWER = "0"  # the caller went away before any answer was sent
 
+# Each configured service with its breaker's state now: (peer, "closed" | "open" | "half-open").
+CircuitStates = Callable[[], Iterable[tuple[str, str]]]
+
+
+def _no_circuits() -> Iterable[tuple[str, str]]:
+    return ()
+
 
 class Metrics:
-    """The six families on a registry of their own; `peers` are the configured services."""
+    """The six families on a registry of their own; `peers` are the configured services.
 
-    def __init__(self, *, peers: Iterable[str] = ()) -> None:
+    `circuit_states` is asked at every scrape, so `sidecar_circuit_state` shows
+    each breaker as it is then, a recovery timeout that has just passed included.
+    """
+
+    def __init__(
+        self, *, peers: Iterable[str] = (), circuit_states: CircuitStates = _no_circuits
+    ) -> None:
         # SPEC names exactly six families; the `*_created` series would add four.
         # prometheus-client only offers this switch process-wide.
         disable_created_metrics()
@@ -80,12 +95,7 @@ class Metrics:
             ["peer"],
             registry=self.registry,
         )
-        self.circuit = Gauge(
-            "sidecar_circuit_state",
-            "1 for the breaker's current state, 0 for the others.",
-            ["peer", "state"],
-            registry=self.registry,
-        )
+        self.registry.register(CircuitCollector(circuit_states))
         self.in_flight = Gauge(
             "sidecar_in_flight",
             "Calls being handled now.",
@@ -102,11 +112,8 @@ class Metrics:
         self.set_peers(peers)
 
     def set_peers(self, names: Iterable[str]) -> None:
-        """The configured services (at start and on reload); a new one starts `closed`."""
-        peers = frozenset(name.lower() for name in names)
-        for peer in sorted(peers - self._peers):
-            self.breaker_changed(peer, "closed")
-        self._peers = peers
+        """The configured services (at start and on reload)."""
+        self._peers = frozenset(name.lower() for name in names)
 
     def peer(self, call: Call) -> str:
         """The `peer` label: the configured target outbound, the verified caller inbound."""
@@ -124,13 +131,6 @@ class Metrics:
         self.requests.labels(direction, peer, safe_method(method), code, reason).inc()
         self.duration.labels(direction, peer).observe(max(0.0, seconds))
 
-    def breaker_changed(self, peer: str, state: str) -> None:
-        """Set `sidecar_circuit_state`: 1 for `state`, 0 for the other two."""
-        if state not in BREAKER_STATES:
-            raise ValueError(f"breaker state must be one of {', '.join(BREAKER_STATES)}")
-        for name in BREAKER_STATES:
-            self.circuit.labels(peer.lower(), name).set(1 if name == state else 0)
-
     def ejected(self, peer: str) -> None:
         self.ejections.labels(peer.lower()).inc()
 
@@ -144,10 +144,43 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+class CircuitCollector(Collector):
+    """`sidecar_circuit_state{peer,state}`: 1 for each breaker's current state, 0 for the others.
+
+    Reads the states when scraped rather than keeping gauges in step with
+    every change: reading a breaker changes nothing, so a scrape cannot either.
+    """
+
+    def __init__(self, states: CircuitStates) -> None:
+        self._states = states
+
+    def describe(self) -> Iterable[Metric]:
+        # Registering asks for the family's name; the states are read only by `collect`.
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        current = {peer.lower(): state for peer, state in self._states()}
+        for peer in sorted(current):
+            if current[peer] not in BREAKER_STATES:
+                raise ValueError(f"breaker state must be one of {', '.join(BREAKER_STATES)}")
+            for state in BREAKER_STATES:
+                family.add_metric([peer, state], 1 if state == current[peer] else 0)
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "sidecar_circuit_state",
+            "1 for the breaker's current state, 0 for the others.",
+            labels=["peer", "state"],
+        )
+
+
 def observe(*, metrics: Metrics, direction: Direction, clock: Clock) -> Layer:
     """Counts every answer and its duration: `sidecar_requests_total` and the histogram.
 
-    Sits outermost (just inside the audit), so refusals (`no_route`,
+    Sits outermost, outside the audit, in both stacks, so refusals (`no_route`,
     `token_invalid`, `circuit_open`, ...) are counted too; labels are read
     when the answer is known, after routing and the token check have named
     the peer. Inner failures arrive as replies (`guards.answer_internal_errors`

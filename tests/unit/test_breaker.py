@@ -5,7 +5,7 @@ from multidict import CIMultiDict
 
 from sidecar.clock import FakeClock
 from sidecar.config.settings import BreakerPolicy
-from sidecar.resilience.breaker import Breaker, Breakers, guard
+from sidecar.resilience.breaker import Breaker, Breakers, OnChange, guard
 from sidecar.resilience.classify import Outcome
 from sidecar.stack import Body, Call, Reply, UpstreamError
 
@@ -24,8 +24,10 @@ def make_call() -> Call:
     )
 
 
-def opened(clock: FakeClock, policy: BreakerPolicy = POLICY) -> Breaker:
-    breaker = Breaker(policy, clock, service="billing")
+def opened(
+    clock: FakeClock, policy: BreakerPolicy = POLICY, *, on_change: OnChange | None = None
+) -> Breaker:
+    breaker = Breaker(policy, clock, service="billing", on_change=on_change)
     for _ in range(policy.failure_threshold):
         assert breaker.allow()
         breaker.record(Outcome.FAILURE)
@@ -138,6 +140,40 @@ def test_on_change_reports_every_transition(clock: FakeClock) -> None:
         ("billing", "open", "half-open"),
         ("billing", "half-open", "closed"),
     ]
+
+
+def test_reading_the_state_changes_nothing(clock: FakeClock) -> None:
+    seen: list[tuple[str, str, str]] = []
+    breaker = opened(clock, on_change=lambda *c: seen.append(c))
+    generation = breaker.generation
+    seen.clear()
+    clock.advance(29.5)
+    assert breaker.state == "open" and breaker.retry_after() == 1
+    clock.advance(0.5)
+    for _ in range(3):
+        assert breaker.state == "half-open" and breaker.retry_after() == 1
+    assert seen == []
+    assert breaker.generation == generation
+    assert breaker.allow()  # an action: this makes the change the reads reported
+    assert seen == [("billing", "open", "half-open")]
+    assert breaker.generation == generation + 1
+    assert breaker.allow()
+    assert not breaker.allow()  # still exactly half_open_max_calls probes
+
+
+def test_record_makes_the_change_before_counting(clock: FakeClock) -> None:
+    seen: list[tuple[str, str, str]] = []
+    breaker = Breaker(POLICY, clock, service="billing", on_change=lambda *c: seen.append(c))
+    assert breaker.allow()
+    slow = breaker.generation  # admitted while closed
+    for _ in range(3):
+        breaker.record(Outcome.FAILURE)
+    clock.advance(30)
+    assert breaker.state == "half-open" and len(seen) == 1
+    breaker.record(Outcome.SUCCESS, generation=slow)
+    assert seen[-1] == ("billing", "open", "half-open")  # the change is made ...
+    assert breaker.state == "half-open"  # ... and the late outcome ignored
+    assert breaker.allow() and breaker.allow() and not breaker.allow()
 
 
 def test_invalid_policy_refused(clock: FakeClock) -> None:

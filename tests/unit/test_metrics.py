@@ -9,7 +9,10 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.clock import FakeClock
+from sidecar.config.settings import BreakerPolicy
 from sidecar.http import guards, problem
+from sidecar.resilience.breaker import Breakers
+from sidecar.resilience.classify import Outcome
 from sidecar.stack import Body, Call, Direction, Handler, Reply, UpstreamError, compose
 from sidecar.telemetry.metrics import Metrics, observe, track_in_flight
 
@@ -252,19 +255,50 @@ async def test_in_flight_rises_and_falls() -> None:
 
 
 def test_circuit_state_is_one_for_the_current_state_only() -> None:
-    metrics = Metrics(peers=["insurance-verification"])
+    breaker = {"insurance-verification": "closed"}
+    metrics = Metrics(peers=["insurance-verification"], circuit_states=breaker.items)
     assert (
         value(metrics, "sidecar_circuit_state", peer="insurance-verification", state="closed") == 1
     )
-    metrics.breaker_changed("insurance-verification", "half-open")
+    breaker["insurance-verification"] = "half-open"  # read at the next scrape
     states = {
         labels["state"]: v
         for labels, v in samples(metrics, "sidecar_circuit_state")
         if labels["peer"] == "insurance-verification"
     }
     assert states == {"closed": 0, "open": 0, "half-open": 1}
+    breaker["insurance-verification"] = "tripped"
     with pytest.raises(ValueError):
-        metrics.breaker_changed("insurance-verification", "tripped")
+        metrics.render()
+
+
+def test_circuit_state_reads_the_breakers_when_scraped(clock: FakeClock) -> None:
+    changes: list[tuple[str, str, str]] = []
+    policy = BreakerPolicy(failure_threshold=1, recovery_timeout=10)
+    breakers = Breakers(
+        {"insurance-verification": policy, "compliance-monitor": policy},
+        clock,
+        on_change=lambda *change: changes.append(change),
+    )
+    metrics = Metrics(peers=["insurance-verification"], circuit_states=breakers.states)
+    assert {labels["peer"] for labels, _ in samples(metrics, "sidecar_circuit_state")} == {
+        "insurance-verification",
+        "compliance-monitor",
+    }
+    breaker = breakers.for_service("insurance-verification")
+    breaker.record(Outcome.FAILURE)
+    assert value(metrics, "sidecar_circuit_state", peer="insurance-verification", state="open") == 1
+    clock.advance(10)
+    for _ in range(2):
+        assert (
+            value(
+                metrics, "sidecar_circuit_state", peer="insurance-verification", state="half-open"
+            )
+            == 1
+        )
+    # Scraping changed nothing: the change is made by the next call the breaker lets through.
+    assert changes == [("insurance-verification", "closed", "open")]
+    assert breaker.generation == 1
 
 
 def test_retries_and_ejections_count_per_peer() -> None:
