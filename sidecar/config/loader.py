@@ -18,12 +18,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from sidecar import names
 from sidecar.config import settings as s
 from sidecar.config.units import parse_duration, parse_size
 
 T = TypeVar("T")
 
-SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _WHOLE_VAR = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "per-try-timeout"})
@@ -258,7 +258,8 @@ class _Builder:
             where = f"{path}[{i}]"
             item = self.mapping(item, where, {"from", "methods", "paths"})
             if "from" not in item:
-                self.errors.add(_join(where, "from"), "is required (service names or '*')")
+                self.errors.add(_join(where, "from"),
+                                f"is required (service names or '{names.ANY_SERVICE}')")
             rules.append(s.PolicyRule(
                 sources=self.read(item, "from", where, _list_of(_source), ()),
                 methods=self.read(item, "methods", where, _list_of(_method), None),
@@ -442,11 +443,9 @@ class _Builder:
 
 
 def _service_name(value: Any) -> str:
-    if not isinstance(value, str) or not SERVICE_NAME.match(value.lower()):
-        raise ValueError(
-            "must be a service name: lowercase letters, digits and '-', at most 63 characters"
-        )
-    return value.lower()
+    if not names.is_service_name(value):
+        raise ValueError(f"must be a service name: {names.SERVICE_NAME_RULE}")
+    return str(value).lower()
 
 
 def _trust_domain(value: Any) -> str:
@@ -456,8 +455,8 @@ def _trust_domain(value: Any) -> str:
 
 
 def _source(value: Any) -> str:
-    if value == "*":
-        return "*"
+    if value == names.ANY_SERVICE:
+        return names.ANY_SERVICE
     return _service_name(value)
 
 

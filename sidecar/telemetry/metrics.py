@@ -19,7 +19,6 @@ SPEC's codes or "", `code` a status; `peer` is a configured service (else
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Iterable
 
 from prometheus_client import (
@@ -36,6 +35,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from sidecar.clock import Clock
+from sidecar.names import is_service_name
 from sidecar.stack import Call, Direction, Handler, Layer, Reply, UpstreamError, safe_method
 from sidecar.telemetry import known_reason
 
@@ -45,7 +45,6 @@ UNKNOWN = "unknown"
 ANONYMOUS = "anonymous"
 # From a sidecar's own overhead (~1 ms) to the longest sensible call timeout.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_SERVICE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 # What a failure that escapes the stack would have been answered with (SPEC's table).
 _UPSTREAM_ANSWERS = {
@@ -121,7 +120,7 @@ class Metrics:
             target = call.target.lower()
             return target if target in self._peers else UNKNOWN
         source = call.source.lower()
-        if source == ANONYMOUS or not _SERVICE_NAME.match(source):
+        if source == ANONYMOUS or not is_service_name(source):
             return ANONYMOUS
         return source
 
