@@ -32,3 +32,11 @@ def is_service_name(name: object) -> bool:
         and name.isascii()
         and _SERVICE_NAME.fullmatch(name.lower()) is not None
     )
+
+
+# -- HTTP methods -----------------------------------------------------------------
+
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+"""The standard methods: the ones config may name and telemetry may show."""

@@ -14,6 +14,8 @@ from typing import Any, Literal, Protocol
 
 from multidict import CIMultiDict
 
+from sidecar.names import HTTP_METHODS
+
 Direction = Literal["outbound", "inbound"]
 
 
@@ -174,14 +176,9 @@ class Reply:
             self.release = None
 
 
-KNOWN_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
-)
-
-
 def safe_method(method: str) -> str:
     """The method as telemetry may show it: a standard one, else OTHER."""
-    return method if method in KNOWN_METHODS else "OTHER"
+    return method if method in HTTP_METHODS else "OTHER"
 
 
 Handler = Callable[[Call], Awaitable[Reply]]

@@ -27,9 +27,6 @@ T = TypeVar("T")
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _WHOLE_VAR = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "per-try-timeout"})
-HTTP_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
-)
 ALGORITHMS = ("EdDSA", "ES256", "RS256", "HS256")
 SERVICE_KEYS = frozenset({"endpoints", "routes", "mesh"})
 
@@ -461,7 +458,7 @@ def _source(value: Any) -> str:
 
 
 def _method(value: Any) -> str:
-    if not isinstance(value, str) or value.upper() not in HTTP_METHODS:
+    if not isinstance(value, str) or value.upper() not in names.HTTP_METHODS:
         raise ValueError("must be an HTTP method such as GET or POST")
     return value.upper()
 
