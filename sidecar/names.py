@@ -40,3 +40,13 @@ HTTP_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 )
 """The standard methods: the ones config may name and telemetry may show."""
+
+# -- token signing algorithms (SPEC "Identity tokens") ---------------------------
+
+KEY_PAIR_ALGORITHMS = ("EdDSA", "ES256", "RS256")
+"""Signed with a service's own private key, checked with its public key."""
+
+SECRET_ALGORITHM = "HS256"
+"""One shared secret for the whole mesh: for compatibility, and weaker."""
+
+ALGORITHMS = (*KEY_PAIR_ALGORITHMS, SECRET_ALGORITHM)

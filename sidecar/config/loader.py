@@ -27,7 +27,6 @@ T = TypeVar("T")
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _WHOLE_VAR = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "per-try-timeout"})
-ALGORITHMS = ("EdDSA", "ES256", "RS256", "HS256")
 SERVICE_KEYS = frozenset({"endpoints", "routes", "mesh"})
 
 
@@ -207,7 +206,7 @@ class _Builder:
             "algorithm", "private_key_file", "secret_file", "jwks_file", "token_ttl",
             "max_token_ttl", "clock_skew",
         })
-        algorithm = self.read(raw, "algorithm", path, _choice(ALGORITHMS), "EdDSA")
+        algorithm = self.read(raw, "algorithm", path, _choice(names.ALGORITHMS), "EdDSA")
         identity = s.Identity(
             algorithm=algorithm,
             private_key_file=self.read(raw, "private_key_file", path, self.file, None),
@@ -217,18 +216,20 @@ class _Builder:
             max_token_ttl=self.read(raw, "max_token_ttl", path, _duration(positive=True), 300.0),
             clock_skew=self.read(raw, "clock_skew", path, _duration(), 30.0),
         )
-        if algorithm == "HS256":
+        if algorithm == names.SECRET_ALGORITHM:
             if "secret_file" not in raw:
-                self.errors.add(_join(path, "secret_file"), "is required with HS256")
+                self.errors.add(_join(path, "secret_file"), f"is required with {algorithm}")
             for key in ("private_key_file", "jwks_file"):
                 if key in raw:
-                    self.errors.add(_join(path, key), "is not used with HS256 (secret_file is)")
+                    self.errors.add(_join(path, key),
+                                    f"is not used with {algorithm} (secret_file is)")
         else:
             for key in ("private_key_file", "jwks_file"):
                 if key not in raw:
                     self.errors.add(_join(path, key), f"is required with {algorithm}")
             if "secret_file" in raw:
-                self.errors.add(_join(path, "secret_file"), "is only for HS256")
+                self.errors.add(_join(path, "secret_file"),
+                                f"is only for {names.SECRET_ALGORITHM}")
         if identity.token_ttl > identity.max_token_ttl:
             self.errors.add(_join(path, "token_ttl"), "must not exceed max_token_ttl")
         return identity

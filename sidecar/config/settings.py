@@ -18,7 +18,7 @@ class Listen:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    algorithm: str = "EdDSA"  # EdDSA | ES256 | RS256 | HS256
+    algorithm: str = "EdDSA"  # one of names.ALGORITHMS
     private_key_file: str | None = None
     secret_file: str | None = None
     jwks_file: str | None = None

@@ -24,10 +24,8 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import InvalidKeyError
 
 from sidecar import names
-
-KEY_PAIR_ALGORITHMS = ("EdDSA", "ES256", "RS256")
-SECRET_ALGORITHM = "HS256"
-ALGORITHMS = (*KEY_PAIR_ALGORITHMS, SECRET_ALGORITHM)
+from sidecar.config.settings import Identity
+from sidecar.names import ALGORITHMS, KEY_PAIR_ALGORITHMS, SECRET_ALGORITHM
 
 MIN_RSA_BITS = 2048
 MIN_SECRET_BYTES = 32
@@ -94,7 +92,11 @@ def check_service_name(service: str) -> None:
 
 
 def generate(
-    *, service: str, out_dir: str | Path, algorithm: str = "EdDSA", overwrite: bool = False
+    *,
+    service: str,
+    out_dir: str | Path,
+    algorithm: str = Identity().algorithm,
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Write `out_dir/<service>.pem` (PKCS#8, mode 0600) and `<service>.jwks.json`.
 
