@@ -50,3 +50,8 @@ SECRET_ALGORITHM = "HS256"
 """One shared secret for the whole mesh: for compatibility, and weaker."""
 
 ALGORITHMS = (*KEY_PAIR_ALGORITHMS, SECRET_ALGORITHM)
+
+# -- span export (SPEC "Config", `tracing`) --------------------------------------
+
+EXPORTERS = ("otlp", "console", "none")
+PROTOCOLS = ("http/protobuf", "grpc")

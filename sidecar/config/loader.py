@@ -424,9 +424,9 @@ class _Builder:
         path = "tracing"
         raw = self.mapping(raw, path, {"exporter", "protocol", "endpoint", "sample_ratio"})
         return s.Tracing(
-            exporter=self.read(raw, "exporter", path, _choice(("otlp", "console", "none")),
+            exporter=self.read(raw, "exporter", path, _choice(names.EXPORTERS),
                                "none"),
-            protocol=self.read(raw, "protocol", path, _choice(("http/protobuf", "grpc")),
+            protocol=self.read(raw, "protocol", path, _choice(names.PROTOCOLS),
                                "http/protobuf"),
             endpoint=self.read(raw, "endpoint", path, _http_url, None),
             sample_ratio=self.read(raw, "sample_ratio", path, _number(0, 1), 1.0),

@@ -128,8 +128,8 @@ class Service:
 
 @dataclass(frozen=True, slots=True)
 class Tracing:
-    exporter: str = "none"  # otlp | console | none
-    protocol: str = "http/protobuf"  # or grpc
+    exporter: str = "none"  # one of names.EXPORTERS
+    protocol: str = "http/protobuf"  # one of names.PROTOCOLS
     endpoint: str | None = None
     sample_ratio: float = 1.0
 
