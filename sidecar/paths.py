@@ -21,7 +21,7 @@ _SLASHES = frozenset((0x2F, 0x5C))
 # SPEC: a segment that may be an identifier becomes `{id}`; only these are kept.
 _SAFE_SEGMENT = re.compile(r"[a-z][a-z_-]{0,30}[0-9]?")
 _ID = "{id}"
-_PARAM = re.compile(r"\{[^{}/]+\}")
+_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
 class BadPath(ValueError):
@@ -121,6 +121,18 @@ def check_pattern(pattern: str) -> None:
         raise ValueError("'*' is allowed only as a final '/*'")
 
 
+def check_template(template: object) -> None:
+    """Raise ValueError unless `template` is a route template `RouteTable` understands.
+
+    It begins with `/`, and a `{name}` is a whole segment whose name is an identifier.
+    """
+    if not isinstance(template, str) or not template.startswith("/"):
+        raise ValueError("must be a path template that begins with '/'")
+    for segment in template.split("/")[1:]:
+        if ("{" in segment or "}" in segment) and not _PARAM.fullmatch(segment):
+            raise ValueError("a '{name}' must be a whole path segment, the name an identifier")
+
+
 class RouteTable:
     """Turns a path into its route template, so no identifier ever reaches telemetry.
 
@@ -134,14 +146,11 @@ class RouteTable:
         compiled: list[tuple[int, re.Pattern[str], str]] = []
         literals: set[str] = set()
         for template in templates:
-            if not template.startswith("/"):
-                raise ValueError("a route template must start with /")
+            check_template(template)
             parts: list[str] = []
             for segment in template.split("/")[1:]:
                 if _PARAM.fullmatch(segment):
                     parts.append("[^/]+")
-                elif "{" in segment or "}" in segment:
-                    raise ValueError("'{name}' must be a whole segment in a route template")
                 else:
                     literals.add(segment)
                     parts.append(re.escape(segment))

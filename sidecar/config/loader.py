@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from sidecar import names
+from sidecar import names, paths
 from sidecar.config import settings as s
 from sidecar.config.units import parse_duration, parse_size
 
@@ -473,13 +473,8 @@ def _path_pattern(value: Any) -> str:
 
 
 def _route_template(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError("must be a path template that begins with '/'")
-    for segment in value.split("/")[1:]:
-        if "{" in segment or "}" in segment:
-            if not re.fullmatch(r"\{[A-Za-z_][A-Za-z0-9_]*\}", segment):
-                raise ValueError("a '{name}' must be a whole path segment")
-    return value
+    paths.check_template(value)
+    return str(value)
 
 
 class _ItemError(ValueError):

@@ -215,3 +215,14 @@ def test_a_whole_value_from_the_environment_keeps_its_yaml_type(
     assert cfg.defaults.retry.attempts == 5
     assert cfg.services["payer-gateway"].mesh is False
     assert cfg.tracing.sample_ratio == 0.5
+
+
+def test_route_templates_follow_the_route_table_rule(tmp_path: Path, key_dir: Path) -> None:
+    doc = yaml.safe_load(SPEC_EXAMPLE.replace("KEYS", str(key_dir)))
+    doc["services"]["insurance-verification"]["routes"] = ["/ok/{id}", "/p/{my-id}"]
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(doc)
+    assert caught.value.errors == [
+        "services.insurance-verification.routes[1]: "
+        "a '{name}' must be a whole path segment, the name an identifier",
+    ]

@@ -2,7 +2,14 @@ import re
 
 import pytest
 
-from sidecar.paths import BadPath, RouteTable, check_pattern, matches, normalise
+from sidecar.paths import (
+    BadPath,
+    RouteTable,
+    check_pattern,
+    check_template,
+    matches,
+    normalise,
+)
 
 
 @pytest.mark.parametrize(
@@ -155,6 +162,12 @@ def test_more_literal_template_wins_over_order() -> None:
 def test_bad_templates_are_rejected(template: str) -> None:
     with pytest.raises(ValueError):
         RouteTable([template])
+
+
+@pytest.mark.parametrize("template", ["/p/{my-id}", "/p/{1}", "/p/{}", 7])
+def test_a_template_name_is_an_identifier(template: object) -> None:
+    with pytest.raises(ValueError):
+        check_template(template)
 
 
 def test_template_never_leaks_a_failing_segment() -> None:
