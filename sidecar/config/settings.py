@@ -1,7 +1,8 @@
-"""The typed, frozen config tree. `config.py` builds it from YAML; nothing else does.
+"""The typed, frozen config tree. `loader.py` builds it from YAML; nothing else does.
 
 Durations are float seconds, sizes are int bytes. Every layer factory takes
-the piece of this tree it needs.
+the piece of this tree it needs. Each default is written here and only here:
+the loader reads a missing key's value from these classes.
 """
 
 from __future__ import annotations

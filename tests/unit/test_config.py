@@ -10,6 +10,15 @@ import pytest
 import yaml
 
 from sidecar.config import loader as config
+from sidecar.config.settings import (
+    Config,
+    HealthCheck,
+    Identity,
+    Inbound,
+    PolicyRule,
+    Service,
+    ServicePolicy,
+)
 from sidecar.config.units import parse_duration, parse_size
 from sidecar.identity import keys
 
@@ -226,3 +235,32 @@ def test_route_templates_follow_the_route_table_rule(tmp_path: Path, key_dir: Pa
         "services.insurance-verification.routes[1]: "
         "a '{name}' must be a whole path segment, the name an identifier",
     ]
+
+
+def test_a_minimal_config_loads_to_exactly_the_settings_defaults(key_dir: Path) -> None:
+    # Every default has one owner, the settings dataclass: a loader literal that
+    # drifts from it shows here.
+    pem, jwks = str(key_dir / "billing-engine.pem"), str(key_dir / "jwks.json")
+    cfg = config.parse({
+        "service": "billing-engine",
+        "identity": {"private_key_file": pem, "jwks_file": jwks},
+    })
+    assert cfg == Config(
+        service="billing-engine", identity=Identity(private_key_file=pem, jwks_file=jwks)
+    )
+
+
+def test_minimal_parts_load_to_their_settings_defaults(key_dir: Path) -> None:
+    pem, jwks = str(key_dir / "billing-engine.pem"), str(key_dir / "jwks.json")
+    cfg = config.parse({
+        "service": "billing-engine",
+        "identity": {"private_key_file": pem, "jwks_file": jwks},
+        "inbound": {"policy": [{"from": ["a"]}]},
+        "defaults": {"health_check": {}},
+        "services": {"a": {"endpoints": ["http://a:15006"]}},
+    })
+    assert cfg.inbound == Inbound(policy=(PolicyRule(sources=("a",)),))
+    assert cfg.defaults == ServicePolicy(health_check=HealthCheck())
+    assert cfg.services == {
+        "a": Service(name="a", endpoints=("http://a:15006",), policy=cfg.defaults),
+    }
