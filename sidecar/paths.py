@@ -101,24 +101,24 @@ def matches(pattern: str, path: str) -> bool:
     """True if a policy or public-path `pattern` covers the normalised `path`.
 
     A pattern is exact, or ends in `/*` and then covers that path and everything
-    below it; `*` and `/*` cover every path.
+    below it, so `/*` covers every path. `check_pattern` says which are patterns.
     """
-    if pattern in ("*", "/*"):
-        return True
     if pattern.endswith("/*"):
         prefix = pattern[:-2]
         return path == prefix or path.startswith(prefix + "/")
     return path == pattern
 
 
-def check_pattern(pattern: str) -> None:
-    """Raise ValueError unless `pattern` is a form `matches` understands."""
-    if pattern == "*":
-        return
-    if not pattern.startswith("/"):
-        raise ValueError("a path pattern must start with /")
-    if "*" in pattern[:-2] or (pattern.endswith("*") and not pattern.endswith("/*")):
-        raise ValueError("'*' is allowed only as a final '/*'")
+def check_pattern(pattern: object) -> None:
+    """Raise ValueError unless `pattern` is a policy or public path (SPEC "Paths and policy").
+
+    One begins with `/` and is exact, or ends in `/*`; a `*` anywhere else, or
+    a bare `*`, is refused: `/*` is how to say every path.
+    """
+    if not isinstance(pattern, str) or not pattern.startswith("/"):
+        raise ValueError("must be a path that begins with '/'")
+    if "*" in pattern[:-1] or (pattern.endswith("*") and not pattern.endswith("/*")):
+        raise ValueError("a '*' may only end a path, as '/*'")
 
 
 def check_template(template: object) -> None:

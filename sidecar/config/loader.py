@@ -473,11 +473,8 @@ def _method(value: Any) -> str:
 
 
 def _path_pattern(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError("must be a path that begins with '/'")
-    if "*" in value[:-1] or (value.endswith("*") and not value.endswith("/*")):
-        raise ValueError("a '*' may only end a path, as '/*'")
-    return value
+    paths.check_pattern(value)
+    return str(value)
 
 
 def _route_template(value: Any) -> str:

@@ -264,3 +264,15 @@ def test_minimal_parts_load_to_their_settings_defaults(key_dir: Path) -> None:
     assert cfg.services == {
         "a": Service(name="a", endpoints=("http://a:15006",), policy=cfg.defaults),
     }
+
+
+def test_path_patterns_follow_the_policy_rule(tmp_path: Path, key_dir: Path) -> None:
+    doc = yaml.safe_load(SPEC_EXAMPLE.replace("KEYS", str(key_dir)))
+    doc["inbound"]["public_paths"] = ["/health", "*"]
+    doc["inbound"]["policy"][0]["paths"] = ["/claims/**"]
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(doc)
+    assert caught.value.errors == [
+        "inbound.policy[0].paths[0]: a '*' may only end a path, as '/*'",
+        "inbound.public_paths[1]: must be a path that begins with '/'",
+    ]

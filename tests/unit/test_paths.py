@@ -110,6 +110,20 @@ def test_check_pattern_accepts(pattern: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("**", "must be a path that begins with '/'"),
+        (None, "must be a path that begins with '/'"),
+        ("/**", "a '*' may only end a path, as '/*'"),
+        ("/a*/*", "a '*' may only end a path, as '/*'"),
+    ],
+)
+def test_check_pattern_names_the_rule(pattern: object, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_pattern(pattern)
+
+
+@pytest.mark.parametrize(
     "segment",
     ["123", "MRN12345678", "078-05-1120", "3f2b8c1e-9d4a-4b6f-8e2a-1c5d7e9f0a3b", "Smith"],
 )
