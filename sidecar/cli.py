@@ -8,7 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from sidecar import names
 from sidecar.config import loader as config_loader
+from sidecar.config.settings import Identity
 from sidecar.identity import keys
 
 
@@ -25,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     keygen = commands.add_parser("keygen", help="make a service's key pair")
     keygen.add_argument("--service", required=True)
     keygen.add_argument("--out", required=True)
-    keygen.add_argument("--algorithm", default="EdDSA", choices=["EdDSA", "ES256", "RS256"])
+    keygen.add_argument("--algorithm", default=Identity().algorithm,
+                        choices=names.KEY_PAIR_ALGORITHMS)
     keygen.add_argument("--force", action="store_true", help="replace existing key files")
 
     jwks = commands.add_parser("jwks", help="merge *.jwks.json files into one JWKS")

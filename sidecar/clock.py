@@ -54,3 +54,9 @@ class FakeClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+def rfc3339_ms(epoch_seconds: float) -> str:
+    """`2024-01-02T03:04:05.678Z`: UTC, milliseconds cut (not rounded); audit and logs alike."""
+    seconds, millis = divmod(int(epoch_seconds * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"

@@ -21,7 +21,7 @@ _SLASHES = frozenset((0x2F, 0x5C))
 # SPEC: a segment that may be an identifier becomes `{id}`; only these are kept.
 _SAFE_SEGMENT = re.compile(r"[a-z][a-z_-]{0,30}[0-9]?")
 _ID = "{id}"
-_PARAM = re.compile(r"\{[^{}/]+\}")
+_PARAM = re.compile(r"\{[A-Za-z_][A-Za-z0-9_]*\}")
 
 
 class BadPath(ValueError):
@@ -101,24 +101,36 @@ def matches(pattern: str, path: str) -> bool:
     """True if a policy or public-path `pattern` covers the normalised `path`.
 
     A pattern is exact, or ends in `/*` and then covers that path and everything
-    below it; `*` and `/*` cover every path.
+    below it, so `/*` covers every path. `check_pattern` says which are patterns.
     """
-    if pattern in ("*", "/*"):
-        return True
     if pattern.endswith("/*"):
         prefix = pattern[:-2]
         return path == prefix or path.startswith(prefix + "/")
     return path == pattern
 
 
-def check_pattern(pattern: str) -> None:
-    """Raise ValueError unless `pattern` is a form `matches` understands."""
-    if pattern == "*":
-        return
-    if not pattern.startswith("/"):
-        raise ValueError("a path pattern must start with /")
-    if "*" in pattern[:-2] or (pattern.endswith("*") and not pattern.endswith("/*")):
-        raise ValueError("'*' is allowed only as a final '/*'")
+def check_pattern(pattern: object) -> None:
+    """Raise ValueError unless `pattern` is a policy or public path (SPEC "Paths and policy").
+
+    One begins with `/` and is exact, or ends in `/*`; a `*` anywhere else, or
+    a bare `*`, is refused: `/*` is how to say every path.
+    """
+    if not isinstance(pattern, str) or not pattern.startswith("/"):
+        raise ValueError("must be a path that begins with '/'")
+    if "*" in pattern[:-1] or (pattern.endswith("*") and not pattern.endswith("/*")):
+        raise ValueError("a '*' may only end a path, as '/*'")
+
+
+def check_template(template: object) -> None:
+    """Raise ValueError unless `template` is a route template `RouteTable` understands.
+
+    It begins with `/`, and a `{name}` is a whole segment whose name is an identifier.
+    """
+    if not isinstance(template, str) or not template.startswith("/"):
+        raise ValueError("must be a path template that begins with '/'")
+    for segment in template.split("/")[1:]:
+        if ("{" in segment or "}" in segment) and not _PARAM.fullmatch(segment):
+            raise ValueError("a '{name}' must be a whole path segment, the name an identifier")
 
 
 class RouteTable:
@@ -134,14 +146,11 @@ class RouteTable:
         compiled: list[tuple[int, re.Pattern[str], str]] = []
         literals: set[str] = set()
         for template in templates:
-            if not template.startswith("/"):
-                raise ValueError("a route template must start with /")
+            check_template(template)
             parts: list[str] = []
             for segment in template.split("/")[1:]:
                 if _PARAM.fullmatch(segment):
                     parts.append("[^/]+")
-                elif "{" in segment or "}" in segment:
-                    raise ValueError("'{name}' must be a whole segment in a route template")
                 else:
                     literals.add(segment)
                     parts.append(re.escape(segment))

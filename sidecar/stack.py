@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 from opentelemetry.context import Context
 
 from sidecar.config.settings import Service, ServicePolicy
+from sidecar.names import HTTP_METHODS
 from sidecar.paths import RouteTable
 
 Direction = Literal["outbound", "inbound"]
@@ -232,14 +233,9 @@ class Reply:
             self.release = None
 
 
-KNOWN_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
-)
-
-
 def safe_method(method: str) -> str:
     """The method as telemetry may show it: a standard one, else OTHER."""
-    return method if method in KNOWN_METHODS else "OTHER"
+    return method if method in HTTP_METHODS else "OTHER"
 
 
 Handler = Callable[[Call], Awaitable[Reply]]

@@ -13,11 +13,10 @@ import hashlib
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Literal
 
-from sidecar.clock import SYSTEM_CLOCK, Clock
+from sidecar.clock import SYSTEM_CLOCK, Clock, rfc3339_ms
 from sidecar.stack import Direction
 from sidecar.tasks import TaskGroup
 
@@ -35,12 +34,6 @@ def digest(record: dict[str, Any]) -> str:
     body = {key: value for key, value in record.items() if key != "hash"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def rfc3339_ms(epoch_seconds: float) -> str:
-    """`2024-01-02T03:04:05.678Z`: UTC with milliseconds."""
-    seconds, millis = divmod(int(epoch_seconds * 1000), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
 class AuditLog:

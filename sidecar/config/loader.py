@@ -18,19 +18,15 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from sidecar import names, paths
 from sidecar.config import settings as s
 from sidecar.config.units import parse_duration, parse_size
 
 T = TypeVar("T")
 
-SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _WHOLE_VAR = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "per-try-timeout"})
-HTTP_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
-)
-ALGORITHMS = ("EdDSA", "ES256", "RS256", "HS256")
 SERVICE_KEYS = frozenset({"endpoints", "routes", "mesh"})
 
 
@@ -174,15 +170,16 @@ class _Builder:
         })
         if "service" not in raw:
             self.errors.add("service", "is required")
-        service = self.read(raw, "service", "", _service_name, "")
-        trust_domain = self.read(raw, "trust_domain", "", _trust_domain, None)
-        defaults = self.service_policy(raw.get("defaults"), "defaults", s.ServicePolicy())
+        base = s.Config(service="", identity=s.Identity())
+        service = self.read(raw, "service", "", _service_name, base.service)
+        trust_domain = self.read(raw, "trust_domain", "", _trust_domain, base.trust_domain)
+        defaults = self.service_policy(raw.get("defaults"), "defaults", base.defaults)
         services = self.services(raw.get("services"), defaults)
         return s.Config(
             service=service,
             trust_domain=trust_domain,
             listen=self.listen(raw.get("listen")),
-            drain_timeout=self.read(raw, "drain_timeout", "", _duration(), 10.0),
+            drain_timeout=self.read(raw, "drain_timeout", "", _duration(), base.drain_timeout),
             identity=self.identity(raw.get("identity")),
             inbound=self.inbound(raw.get("inbound")),
             limits=self.limits(raw.get("limits")),
@@ -210,28 +207,33 @@ class _Builder:
             "algorithm", "private_key_file", "secret_file", "jwks_file", "token_ttl",
             "max_token_ttl", "clock_skew",
         })
-        algorithm = self.read(raw, "algorithm", path, _choice(ALGORITHMS), "EdDSA")
+        base = s.Identity()
+        algorithm = self.read(raw, "algorithm", path, _choice(names.ALGORITHMS), base.algorithm)
         identity = s.Identity(
             algorithm=algorithm,
-            private_key_file=self.read(raw, "private_key_file", path, self.file, None),
-            secret_file=self.read(raw, "secret_file", path, self.file, None),
-            jwks_file=self.read(raw, "jwks_file", path, self.file, None),
-            token_ttl=self.read(raw, "token_ttl", path, _duration(positive=True), 60.0),
-            max_token_ttl=self.read(raw, "max_token_ttl", path, _duration(positive=True), 300.0),
-            clock_skew=self.read(raw, "clock_skew", path, _duration(), 30.0),
+            private_key_file=self.read(raw, "private_key_file", path, self.file,
+                                       base.private_key_file),
+            secret_file=self.read(raw, "secret_file", path, self.file, base.secret_file),
+            jwks_file=self.read(raw, "jwks_file", path, self.file, base.jwks_file),
+            token_ttl=self.read(raw, "token_ttl", path, _duration(positive=True), base.token_ttl),
+            max_token_ttl=self.read(raw, "max_token_ttl", path, _duration(positive=True),
+                                    base.max_token_ttl),
+            clock_skew=self.read(raw, "clock_skew", path, _duration(), base.clock_skew),
         )
-        if algorithm == "HS256":
+        if algorithm == names.SECRET_ALGORITHM:
             if "secret_file" not in raw:
-                self.errors.add(_join(path, "secret_file"), "is required with HS256")
+                self.errors.add(_join(path, "secret_file"), f"is required with {algorithm}")
             for key in ("private_key_file", "jwks_file"):
                 if key in raw:
-                    self.errors.add(_join(path, key), "is not used with HS256 (secret_file is)")
+                    self.errors.add(_join(path, key),
+                                    f"is not used with {algorithm} (secret_file is)")
         else:
             for key in ("private_key_file", "jwks_file"):
                 if key not in raw:
                     self.errors.add(_join(path, key), f"is required with {algorithm}")
             if "secret_file" in raw:
-                self.errors.add(_join(path, "secret_file"), "is only for HS256")
+                self.errors.add(_join(path, "secret_file"),
+                                f"is only for {names.SECRET_ALGORITHM}")
         if identity.token_ttl > identity.max_token_ttl:
             self.errors.add(_join(path, "token_ttl"), "must not exceed max_token_ttl")
         return identity
@@ -239,13 +241,16 @@ class _Builder:
     def inbound(self, raw: Any) -> s.Inbound:
         path = "inbound"
         raw = self.mapping(raw, path, {"app", "app_health_path", "public_paths", "policy"})
-        policy: tuple[s.PolicyRule, ...] | None = None
+        base = s.Inbound()
+        policy = base.policy
         if "policy" in raw and raw["policy"] is not None:
             policy = self.policy(raw["policy"], _join(path, "policy"))
         return s.Inbound(
-            app=self.read(raw, "app", path, _app_url, "http://127.0.0.1:8000"),
-            app_health_path=self.read(raw, "app_health_path", path, _path_pattern, None),
-            public_paths=self.read(raw, "public_paths", path, _list_of(_path_pattern), ()),
+            app=self.read(raw, "app", path, _app_url, base.app),
+            app_health_path=self.read(raw, "app_health_path", path, _path_pattern,
+                                      base.app_health_path),
+            public_paths=self.read(raw, "public_paths", path, _list_of(_path_pattern),
+                                   base.public_paths),
             policy=policy,
         )
 
@@ -254,15 +259,17 @@ class _Builder:
             self.errors.add(path, "must be a list of rules")
             return ()
         rules = []
+        base = s.PolicyRule(sources=())
         for i, item in enumerate(raw):
             where = f"{path}[{i}]"
             item = self.mapping(item, where, {"from", "methods", "paths"})
             if "from" not in item:
-                self.errors.add(_join(where, "from"), "is required (service names or '*')")
+                self.errors.add(_join(where, "from"),
+                                f"is required (service names or '{names.ANY_SERVICE}')")
             rules.append(s.PolicyRule(
-                sources=self.read(item, "from", where, _list_of(_source), ()),
-                methods=self.read(item, "methods", where, _list_of(_method), None),
-                paths=self.read(item, "paths", where, _list_of(_path_pattern), None),
+                sources=self.read(item, "from", where, _list_of(_source), base.sources),
+                methods=self.read(item, "methods", where, _list_of(_method), base.methods),
+                paths=self.read(item, "paths", where, _list_of(_path_pattern), base.paths),
             ))
         return tuple(rules)
 
@@ -411,42 +418,40 @@ class _Builder:
             policy = self.service_policy(body, path, defaults, extra=SERVICE_KEYS)
             if "endpoints" not in body:
                 self.errors.add(_join(path, "endpoints"), "is required")
-            mesh = self.read(body, "mesh", path, _bool, True)
+            base = s.Service(name=key, endpoints=())
             out[key] = s.Service(
                 name=key,
-                endpoints=self.read(body, "endpoints", path, _endpoints, ()),
+                endpoints=self.read(body, "endpoints", path, _endpoints, base.endpoints),
                 policy=policy,
-                routes=self.read(body, "routes", path, _list_of(_route_template), ()),
-                mesh=mesh,
+                routes=self.read(body, "routes", path, _list_of(_route_template), base.routes),
+                mesh=self.read(body, "mesh", path, _bool, base.mesh),
             )
         return out
 
     def tracing(self, raw: Any) -> s.Tracing:
         path = "tracing"
         raw = self.mapping(raw, path, {"exporter", "protocol", "endpoint", "sample_ratio"})
+        base = s.Tracing()
         return s.Tracing(
-            exporter=self.read(raw, "exporter", path, _choice(("otlp", "console", "none")),
-                               "none"),
-            protocol=self.read(raw, "protocol", path, _choice(("http/protobuf", "grpc")),
-                               "http/protobuf"),
-            endpoint=self.read(raw, "endpoint", path, _http_url, None),
-            sample_ratio=self.read(raw, "sample_ratio", path, _number(0, 1), 1.0),
+            exporter=self.read(raw, "exporter", path, _choice(names.EXPORTERS), base.exporter),
+            protocol=self.read(raw, "protocol", path, _choice(names.PROTOCOLS), base.protocol),
+            endpoint=self.read(raw, "endpoint", path, _http_url, base.endpoint),
+            sample_ratio=self.read(raw, "sample_ratio", path, _number(0, 1), base.sample_ratio),
         )
 
     def audit(self, raw: Any) -> s.Audit:
         raw = self.mapping(raw, "audit", {"path"})
-        return s.Audit(path=self.read(raw, "path", "audit", _non_empty_str, None))
+        base = s.Audit()
+        return s.Audit(path=self.read(raw, "path", "audit", _non_empty_str, base.path))
 
 
 # -- value converters: raise ValueError with a message that names the rule ---------
 
 
 def _service_name(value: Any) -> str:
-    if not isinstance(value, str) or not SERVICE_NAME.match(value.lower()):
-        raise ValueError(
-            "must be a service name: lowercase letters, digits and '-', at most 63 characters"
-        )
-    return value.lower()
+    if not names.is_service_name(value):
+        raise ValueError(f"must be a service name: {names.SERVICE_NAME_RULE}")
+    return str(value).lower()
 
 
 def _trust_domain(value: Any) -> str:
@@ -456,33 +461,25 @@ def _trust_domain(value: Any) -> str:
 
 
 def _source(value: Any) -> str:
-    if value == "*":
-        return "*"
+    if value == names.ANY_SERVICE:
+        return names.ANY_SERVICE
     return _service_name(value)
 
 
 def _method(value: Any) -> str:
-    if not isinstance(value, str) or value.upper() not in HTTP_METHODS:
+    if not isinstance(value, str) or value.upper() not in names.HTTP_METHODS:
         raise ValueError("must be an HTTP method such as GET or POST")
     return value.upper()
 
 
 def _path_pattern(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError("must be a path that begins with '/'")
-    if "*" in value[:-1] or (value.endswith("*") and not value.endswith("/*")):
-        raise ValueError("a '*' may only end a path, as '/*'")
-    return value
+    paths.check_pattern(value)
+    return str(value)
 
 
 def _route_template(value: Any) -> str:
-    if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError("must be a path template that begins with '/'")
-    for segment in value.split("/")[1:]:
-        if "{" in segment or "}" in segment:
-            if not re.fullmatch(r"\{[A-Za-z_][A-Za-z0-9_]*\}", segment):
-                raise ValueError("a '{name}' must be a whole path segment")
-    return value
+    paths.check_template(value)
+    return str(value)
 
 
 class _ItemError(ValueError):

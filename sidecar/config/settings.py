@@ -1,7 +1,8 @@
-"""The typed, frozen config tree. `config.py` builds it from YAML; nothing else does.
+"""The typed, frozen config tree. `loader.py` builds it from YAML; nothing else does.
 
 Durations are float seconds, sizes are int bytes. Every layer factory takes
-the piece of this tree it needs.
+the piece of this tree it needs. Each default is written here and only here:
+the loader reads a missing key's value from these classes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ class Listen:
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    algorithm: str = "EdDSA"  # EdDSA | ES256 | RS256 | HS256
+    algorithm: str = "EdDSA"  # one of names.ALGORITHMS
     private_key_file: str | None = None
     secret_file: str | None = None
     jwks_file: str | None = None
@@ -132,8 +133,8 @@ class Service:
 
 @dataclass(frozen=True, slots=True)
 class Tracing:
-    exporter: str = "none"  # otlp | console | none
-    protocol: str = "http/protobuf"  # or grpc
+    exporter: str = "none"  # one of names.EXPORTERS
+    protocol: str = "http/protobuf"  # one of names.PROTOCOLS
     endpoint: str | None = None
     sample_ratio: float = 1.0
 

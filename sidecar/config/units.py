@@ -37,9 +37,3 @@ def parse_size(text: object) -> int:
     if not match:
         raise ValueError("must be a size with a unit (B, KiB, MiB, GiB), such as 64KiB")
     return int(match.group(1)) * _BYTES[match.group(2)]
-
-
-def format_duration(seconds: float) -> str:
-    if seconds and seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    return f"{seconds:g}s"

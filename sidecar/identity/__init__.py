@@ -1,7 +1,6 @@
 """Service identity: key material, and the tokens that carry a caller's name."""
 
 from sidecar.identity.keys import (
-    ALGORITHMS,
     KeyMaterialError,
     KeySet,
     VerifyKey,
@@ -14,7 +13,6 @@ from sidecar.identity.keys import (
 from sidecar.identity.tokens import Minter, TokenError, Verifier
 
 __all__ = [
-    "ALGORITHMS",
     "KeyMaterialError",
     "KeySet",
     "Minter",

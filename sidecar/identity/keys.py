@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,16 +23,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import InvalidKeyError
 
-KEY_PAIR_ALGORITHMS = ("EdDSA", "ES256", "RS256")
-SECRET_ALGORITHM = "HS256"
-ALGORITHMS = (*KEY_PAIR_ALGORITHMS, SECRET_ALGORITHM)
+from sidecar import names
+from sidecar.config.settings import Identity
+from sidecar.names import ALGORITHMS, KEY_PAIR_ALGORITHMS, SECRET_ALGORITHM
 
 MIN_RSA_BITS = 2048
 MIN_SECRET_BYTES = 32
-
-# DNS label, compared case-insensitively: a service name is also a file name
-# here, so this keeps `../` and friends out of keygen's output paths.
-_SERVICE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", re.IGNORECASE)
 
 # The JWK members that carry public key material, per key type: two keys with
 # the same kid are "the same key" when these agree.
@@ -82,11 +77,14 @@ class KeySet(Mapping[str, VerifyKey]):
 
 
 def check_service_name(service: str) -> None:
-    """Raise ValueError unless `service` is a DNS label (any letter case)."""
-    if not _SERVICE_NAME.match(service):
+    """Raise ValueError unless `service` is a service name (any letter case).
+
+    A service name is also a file name here, so this keeps `../` and friends
+    out of keygen's output paths.
+    """
+    if not names.is_service_name(service):
         raise ValueError(
-            f"service name {service!r} is not a DNS label (letters, digits and '-', "
-            "at most 63, not starting or ending with '-')"
+            f"service name {service!r} is not a DNS label ({names.SERVICE_NAME_RULE})"
         )
 
 
@@ -94,7 +92,11 @@ def check_service_name(service: str) -> None:
 
 
 def generate(
-    *, service: str, out_dir: str | Path, algorithm: str = "EdDSA", overwrite: bool = False
+    *,
+    service: str,
+    out_dir: str | Path,
+    algorithm: str = Identity().algorithm,
+    overwrite: bool = False,
 ) -> tuple[Path, Path]:
     """Write `out_dir/<service>.pem` (PKCS#8, mode 0600) and `<service>.jwks.json`.
 

@@ -19,13 +19,12 @@ from jwt.utils import base64url_decode
 
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.identity.keys import (
-    ALGORITHMS,
-    SECRET_ALGORITHM,
     KeySet,
     VerifyKey,
     check_service_name,
     private_key_problem,
 )
+from sidecar.names import SECRET_ALGORITHM
 
 REFRESH_AT = 0.8
 """A minted token is reused until this fraction of its lifetime has passed."""
@@ -272,4 +271,4 @@ def _number(claims: dict[str, Any], name: str) -> float:
     return float(value)
 
 
-__all__ = ["ALGORITHMS", "Minter", "TokenError", "Verifier"]
+__all__ = ["Minter", "TokenError", "Verifier"]

@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 from sidecar.config.settings import PolicyRule
 from sidecar.http import problem
+from sidecar.names import ANY_SERVICE
 from sidecar.paths import check_pattern, matches
 from sidecar.stack import Call, Handler, Layer, Reply, safe_method
-
-ANY = "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +24,7 @@ class _Rule:
     paths: tuple[str, ...] | None  # None for every path
 
     def covers(self, source: str, method: str, path: str) -> bool:
-        if ANY not in self.sources and source not in self.sources:
+        if ANY_SERVICE not in self.sources and source not in self.sources:
             return False
         if self.methods is not None and method not in self.methods:
             return False

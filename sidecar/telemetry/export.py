@@ -38,10 +38,9 @@ from opentelemetry.trace import (
 )
 
 from sidecar.config import settings
+from sidecar.names import EXPORTERS, PROTOCOLS
 from sidecar.telemetry.logs import event
 
-EXPORTERS = ("otlp", "console", "none")
-PROTOCOLS = ("http/protobuf", "grpc")
 DEFAULT_ENDPOINTS = {"http/protobuf": "http://localhost:4318", "grpc": "http://localhost:4317"}
 TRACES_PATH = "/v1/traces"
 EXPORT_TIMEOUT = 2.0  # seconds; a slow collector holds only the export thread
@@ -58,8 +57,8 @@ log = logging.getLogger("sidecar.tracing")
 
 @dataclass(frozen=True, slots=True)
 class ExportPlan:
-    exporter: str  # otlp | console | none
-    protocol: str  # http/protobuf | grpc
+    exporter: str  # one of names.EXPORTERS
+    protocol: str  # one of names.PROTOCOLS
     endpoint: str  # the full traces URL (http) or the collector address (grpc); "" unless otlp
     service_name: str
     sampler: Sampler

@@ -19,8 +19,9 @@ import json
 import logging
 import sys
 from collections.abc import Mapping
-from datetime import UTC, datetime
 from typing import IO, Any
+
+from sidecar.clock import rfc3339_ms
 
 # Names a caller may attach to a log line. Each one names configuration,
 # service-level state or a count, never a part of a request.
@@ -73,7 +74,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "ts": _timestamp(record.created),
+            "ts": rfc3339_ms(record.created),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.msg if isinstance(record.msg, str) else type(record.msg).__name__,
@@ -137,12 +138,6 @@ def event(
         # Not passed as fields: a name like `name` or `args` would clash with the record.
         extra[_REFUSED] = refused
     log.log(level, msg, extra=extra)
-
-
-def _timestamp(created: float) -> str:
-    """RFC 3339 UTC with milliseconds, as the audit log writes it."""
-    moment = datetime.fromtimestamp(created, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _plain(value: object, depth: int = 0) -> object:

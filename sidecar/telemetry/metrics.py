@@ -19,7 +19,6 @@ SPEC's codes or "", `code` a status; `peer` is a configured service (else
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
@@ -39,6 +38,7 @@ from prometheus_client.registry import Collector
 
 from sidecar import reasons
 from sidecar.clock import Clock
+from sidecar.names import is_service_name
 from sidecar.stack import Call, Direction, Handler, Layer, Reply, safe_method
 
 DIRECTIONS = ("outbound", "inbound")
@@ -47,7 +47,6 @@ UNKNOWN = "unknown"
 ANONYMOUS = "anonymous"
 # From a sidecar's own overhead (~1 ms) to the longest sensible call timeout.
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_SERVICE_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 
 NO_ANSWER = "0"  # the caller went away before any answer was sent
 
@@ -121,7 +120,7 @@ class Metrics:
             target = call.target.lower()
             return target if target in self._peers else UNKNOWN
         source = call.source.lower()
-        if source == ANONYMOUS or not _SERVICE_NAME.match(source):
+        if source == ANONYMOUS or not is_service_name(source):
             return ANONYMOUS
         return source
 

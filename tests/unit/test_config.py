@@ -10,6 +10,15 @@ import pytest
 import yaml
 
 from sidecar.config import loader as config
+from sidecar.config.settings import (
+    Config,
+    HealthCheck,
+    Identity,
+    Inbound,
+    PolicyRule,
+    Service,
+    ServicePolicy,
+)
 from sidecar.config.units import parse_duration, parse_size
 from sidecar.identity import keys
 
@@ -215,3 +224,55 @@ def test_a_whole_value_from_the_environment_keeps_its_yaml_type(
     assert cfg.defaults.retry.attempts == 5
     assert cfg.services["payer-gateway"].mesh is False
     assert cfg.tracing.sample_ratio == 0.5
+
+
+def test_route_templates_follow_the_route_table_rule(tmp_path: Path, key_dir: Path) -> None:
+    doc = yaml.safe_load(SPEC_EXAMPLE.replace("KEYS", str(key_dir)))
+    doc["services"]["insurance-verification"]["routes"] = ["/ok/{id}", "/p/{my-id}"]
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(doc)
+    assert caught.value.errors == [
+        "services.insurance-verification.routes[1]: "
+        "a '{name}' must be a whole path segment, the name an identifier",
+    ]
+
+
+def test_a_minimal_config_loads_to_exactly_the_settings_defaults(key_dir: Path) -> None:
+    # Every default has one owner, the settings dataclass: a loader literal that
+    # drifts from it shows here.
+    pem, jwks = str(key_dir / "billing-engine.pem"), str(key_dir / "jwks.json")
+    cfg = config.parse({
+        "service": "billing-engine",
+        "identity": {"private_key_file": pem, "jwks_file": jwks},
+    })
+    assert cfg == Config(
+        service="billing-engine", identity=Identity(private_key_file=pem, jwks_file=jwks)
+    )
+
+
+def test_minimal_parts_load_to_their_settings_defaults(key_dir: Path) -> None:
+    pem, jwks = str(key_dir / "billing-engine.pem"), str(key_dir / "jwks.json")
+    cfg = config.parse({
+        "service": "billing-engine",
+        "identity": {"private_key_file": pem, "jwks_file": jwks},
+        "inbound": {"policy": [{"from": ["a"]}]},
+        "defaults": {"health_check": {}},
+        "services": {"a": {"endpoints": ["http://a:15006"]}},
+    })
+    assert cfg.inbound == Inbound(policy=(PolicyRule(sources=("a",)),))
+    assert cfg.defaults == ServicePolicy(health_check=HealthCheck())
+    assert cfg.services == {
+        "a": Service(name="a", endpoints=("http://a:15006",), policy=cfg.defaults),
+    }
+
+
+def test_path_patterns_follow_the_policy_rule(tmp_path: Path, key_dir: Path) -> None:
+    doc = yaml.safe_load(SPEC_EXAMPLE.replace("KEYS", str(key_dir)))
+    doc["inbound"]["public_paths"] = ["/health", "*"]
+    doc["inbound"]["policy"][0]["paths"] = ["/claims/**"]
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(doc)
+    assert caught.value.errors == [
+        "inbound.policy[0].paths[0]: a '*' may only end a path, as '/*'",
+        "inbound.public_paths[1]: must be a path that begins with '/'",
+    ]

@@ -2,7 +2,14 @@ import re
 
 import pytest
 
-from sidecar.paths import BadPath, RouteTable, check_pattern, matches, normalise
+from sidecar.paths import (
+    BadPath,
+    RouteTable,
+    check_pattern,
+    check_template,
+    matches,
+    normalise,
+)
 
 
 @pytest.mark.parametrize(
@@ -84,22 +91,37 @@ def test_bad_path_message_never_holds_the_path() -> None:
         ("/claims/*", "/", False),
         ("/*", "/", True),
         ("/*", "/anything/at/all", True),
-        ("*", "/anything", True),
     ],
 )
 def test_matches(pattern: str, path: str, expected: bool) -> None:
     assert matches(pattern, path) is expected
 
 
-@pytest.mark.parametrize("pattern", ["claims", "/claims*", "/c*/x", "/claims/**", ""])
+# A bare `*` is neither exact nor `/*`-ended (SPEC "Paths and policy"): the
+# loader always refused it, and now the one rule does too; `/*` covers all.
+@pytest.mark.parametrize("pattern", ["*", "claims", "/claims*", "/c*/x", "/claims/**", ""])
 def test_check_pattern_rejects(pattern: str) -> None:
     with pytest.raises(ValueError):
         check_pattern(pattern)
 
 
-@pytest.mark.parametrize("pattern", ["*", "/*", "/claims", "/claims/*", "/claims/"])
+@pytest.mark.parametrize("pattern", ["/*", "/claims", "/claims/*", "/claims/"])
 def test_check_pattern_accepts(pattern: str) -> None:
     check_pattern(pattern)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("**", "must be a path that begins with '/'"),
+        (None, "must be a path that begins with '/'"),
+        ("/**", "a '*' may only end a path, as '/*'"),
+        ("/a*/*", "a '*' may only end a path, as '/*'"),
+    ],
+)
+def test_check_pattern_names_the_rule(pattern: object, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_pattern(pattern)
 
 
 @pytest.mark.parametrize(
@@ -155,6 +177,12 @@ def test_more_literal_template_wins_over_order() -> None:
 def test_bad_templates_are_rejected(template: str) -> None:
     with pytest.raises(ValueError):
         RouteTable([template])
+
+
+@pytest.mark.parametrize("template", ["/p/{my-id}", "/p/{1}", "/p/{}", 7])
+def test_a_template_name_is_an_identifier(template: object) -> None:
+    with pytest.raises(ValueError):
+        check_template(template)
 
 
 def test_template_never_leaks_a_failing_segment() -> None:

@@ -91,3 +91,21 @@ def test_bad_settings_are_rejected(
 ) -> None:
     with pytest.raises(ValueError):
         Policy(rules=rules, public_paths=public)
+
+
+@pytest.mark.parametrize(
+    ("rules", "public"),
+    [((PolicyRule(sources=("a",), paths=("*",)),), ()), (None, ("*",))],
+)
+def test_a_bare_star_is_not_a_path(
+    rules: tuple[PolicyRule, ...] | None, public: tuple[str, ...]
+) -> None:
+    # `*` as a source means any service; as a path it is refused, `/*` says every path.
+    with pytest.raises(ValueError, match="must be a path that begins with '/'"):
+        Policy(rules=rules, public_paths=public)
+
+
+def test_slash_star_covers_every_path() -> None:
+    policy = Policy(rules=(PolicyRule(sources=("*",), paths=("/*",)),), public_paths=())
+    assert policy.allows("anyone", "GET", "/")
+    assert policy.allows("anyone", "GET", "/a/b")

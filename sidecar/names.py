@@ -1,0 +1,57 @@
+"""The closed vocabularies the config, identity, telemetry and the stacks share.
+
+Each set of names is written once, here: the loader checks a config value
+against it, and the module that acts on the name reads the same set, so the
+two can never disagree. Pure: imports nothing of the sidecar.
+"""
+
+from __future__ import annotations
+
+import re
+
+# -- service names (SPEC "Config": DNS label rules, matched case-insensitively) --
+
+_SERVICE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+SERVICE_NAME_RULE = (
+    "lowercase letters, digits and '-', at most 63 characters, not starting or ending with '-'"
+)
+"""The rule `is_service_name` checks, in words, for error messages."""
+
+ANY_SERVICE = "*"
+"""A policy rule's `from` entry that allows every verified service."""
+
+
+def is_service_name(name: object) -> bool:
+    """True if `name` is a DNS label in any letter case.
+
+    Only ASCII counts: a name is also a file name, a header value and a
+    metrics label, and no other character may case-fold its way in.
+    """
+    return (
+        isinstance(name, str)
+        and name.isascii()
+        and _SERVICE_NAME.fullmatch(name.lower()) is not None
+    )
+
+
+# -- HTTP methods -----------------------------------------------------------------
+
+HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+"""The standard methods: the ones config may name and telemetry may show."""
+
+# -- token signing algorithms (SPEC "Identity tokens") ---------------------------
+
+KEY_PAIR_ALGORITHMS = ("EdDSA", "ES256", "RS256")
+"""Signed with a service's own private key, checked with its public key."""
+
+SECRET_ALGORITHM = "HS256"
+"""One shared secret for the whole mesh: for compatibility, and weaker."""
+
+ALGORITHMS = (*KEY_PAIR_ALGORITHMS, SECRET_ALGORITHM)
+
+# -- span export (SPEC "Config", `tracing`) --------------------------------------
+
+EXPORTERS = ("otlp", "console", "none")
+PROTOCOLS = ("http/protobuf", "grpc")
