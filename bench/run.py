@@ -16,7 +16,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.upstream import Upstream
+from bench import upstream
 from deploy.process import KeyRing, SidecarProcess
 
 
@@ -51,7 +51,6 @@ def report(name: str, latencies: list[float], elapsed: float) -> None:
 async def main(requests: int, concurrency: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     keyring = KeyRing(workdir).generate(["a", "b"])
-    app = await Upstream().start()
     sidecars: list[SidecarProcess] = []
 
     async def start(name: str, **config: object) -> SidecarProcess:
@@ -60,22 +59,22 @@ async def main(requests: int, concurrency: int) -> None:
         sidecars.append(sidecar)
         return await sidecar.start()
 
-    try:
-        b = await start("b", inbound={"app": app.url})
-        a = await start("a", services={"b": {"endpoints": [b.inbound_url]}})
-        print(f"{requests} GETs at concurrency {concurrency}, loopback, 2 cores")
-        for name, url in [("app alone", app.url + "/claims/1"),
-                          ("through sidecar A and B", a.outbound_url + "/b/claims/1")]:
-            await load(url, requests=min(200, requests), concurrency=concurrency)  # warm up
-            started = time.perf_counter()
-            latencies = await load(url, requests=requests, concurrency=concurrency)
-            report(name, latencies, time.perf_counter() - started)
-    finally:
-        for sidecar in reversed(sidecars):
-            await sidecar.stop()
-        await app.stop()
-        print(f"peak RSS of the largest sidecar process: "
-              f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
+    async with upstream.serving() as app_url:
+        try:
+            b = await start("b", inbound={"app": app_url})
+            a = await start("a", services={"b": {"endpoints": [b.inbound_url]}})
+            print(f"{requests} GETs at concurrency {concurrency}, loopback, 2 cores")
+            for name, url in [("app alone", app_url + "/claims/1"),
+                              ("through sidecar A and B", a.outbound_url + "/b/claims/1")]:
+                await load(url, requests=min(200, requests), concurrency=concurrency)  # warm up
+                started = time.perf_counter()
+                latencies = await load(url, requests=requests, concurrency=concurrency)
+                report(name, latencies, time.perf_counter() - started)
+        finally:
+            for sidecar in reversed(sidecars):
+                await sidecar.stop()
+    print(f"peak RSS of the largest sidecar process: "
+          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

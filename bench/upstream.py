@@ -1,4 +1,4 @@
-"""The bench's app: every GET answers 200 with the same JSON body of about 1 KiB.
+"""The bench's app: every GET answers 200 with the same JSON body of 1 KiB.
 
 It does nothing else (no recording, no scripting), so that what the bench
 measures is the sidecars, not the app.
@@ -6,7 +6,9 @@ measures is the sidecars, not the app.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 
@@ -24,30 +26,20 @@ def _body() -> bytes:
 BODY = _body()
 
 
-class Upstream:
-    """The app on a free port of 127.0.0.1."""
+async def answer(request: web.Request) -> web.Response:
+    return web.Response(body=BODY, content_type="application/json")
 
-    def __init__(self) -> None:
-        self._runner: web.AppRunner | None = None
-        self.port = 0
 
-    async def start(self) -> Upstream:
-        app = web.Application()
-        app.router.add_get("/{tail:.*}", self._answer)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = int(self._runner.addresses[0][1])
-        return self
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def _answer(self, request: web.Request) -> web.Response:
-        return web.Response(body=BODY, content_type="application/json")
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[str]:
+    """The app on a free port of 127.0.0.1 for the block; its base URL."""
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()

@@ -133,10 +133,11 @@ class Demo:
         )
         self._describe_sites()
         await self.mesh.prepare()
+        keyring = self.mesh.keyring
         say(
             "",
-            f"Keys: `sidecar keygen` made one key pair per service in {self.mesh.keys_dir},",
-            f"      `sidecar jwks` merged the public keys into {self.mesh.jwks_path}.",
+            f"Keys: `sidecar keygen` made one key pair per service in {keyring.keys_dir},",
+            f"      `sidecar jwks` merged the public keys into {keyring.jwks_path}.",
             f"Configs: deploy/config/*.yaml, rewritten for this machine, in {self.workdir}/config.",
             f"Breakers shortened for the demo: {narration.breaker_text(DEMO_BREAKER)}",
             f"  (deploy/config: {narration.breaker_text(_shipped_breaker())}).",

@@ -43,7 +43,9 @@ from deploy.process import (
     SidecarProcess,
     child_env,
     free_ports,
+    loopback_listen,
     loopback_session,
+    loopback_url,
 )
 from deploy.topology import APPS, SERVICES
 
@@ -66,16 +68,16 @@ class Site:
     @property
     def outbound_url(self) -> str:
         """The sidecar's outbound listener, as its app (in the same network) calls it."""
-        return f"http://127.0.0.1:{self.outbound_port}"
+        return loopback_url(self.outbound_port)
 
     @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return loopback_url(self.admin_port)
 
     @property
     def app_url(self) -> str:
         """The app, as seen from inside its own network."""
-        return f"http://127.0.0.1:{self.app_port}"
+        return loopback_url(self.app_port)
 
     @property
     def inbound_url(self) -> str:
@@ -148,11 +150,9 @@ def adapt_config(
         defaults["circuit_breaker"] = {**(defaults.get("circuit_breaker") or {}), **breaker}
     if site.namespace is None:
         # Everyone shares the host's loopback here, so each needs its own ports.
-        out["listen"] = {
-            "outbound": f"127.0.0.1:{site.outbound_port}",
-            "inbound": f"127.0.0.1:{site.inbound_port}",
-            "admin": f"127.0.0.1:{site.admin_port}",
-        }
+        out["listen"] = loopback_listen(
+            outbound=site.outbound_port, inbound=site.inbound_port, admin=site.admin_port
+        )
         out["inbound"] = {**out["inbound"], "app": site.app_url}
         for name, service in (out.get("services") or {}).items():
             service["endpoints"] = [sites[name].inbound_url]
@@ -178,15 +178,8 @@ class LocalMesh:
 
     @property
     def keyring(self) -> KeyRing:
+        """Where `prepare` puts the keys (with the CLI, as a user makes them)."""
         return KeyRing(self.workdir)
-
-    @property
-    def keys_dir(self) -> Path:
-        return self.keyring.keys_dir
-
-    @property
-    def jwks_path(self) -> Path:
-        return self.keyring.jwks_path
 
     @property
     def logs_dir(self) -> Path:
@@ -202,23 +195,24 @@ class LocalMesh:
 
     async def prepare(self) -> None:
         """Key pairs with `sidecar keygen`, one JWKS with `sidecar jwks`, and the configs."""
-        for directory in (self.keys_dir, self.logs_dir, self.workdir / "config"):
+        keyring = self.keyring
+        for directory in (keyring.keys_dir, self.logs_dir, self.workdir / "config"):
             directory.mkdir(parents=True, exist_ok=True)
         await asyncio.gather(
             *(
-                self._sidecar_cli("keygen", "--service", service, "--out", str(self.keys_dir))
+                self._sidecar_cli("keygen", "--service", service, "--out", str(keyring.keys_dir))
                 for service in self.sites
             )
         )
-        await self._sidecar_cli("jwks", "-o", str(self.jwks_path), str(self.keys_dir))
+        await self._sidecar_cli("jwks", "-o", str(keyring.jwks_path), str(keyring.keys_dir))
         for service, site in self.sites.items():
             shipped = yaml.safe_load((self.config_dir / f"{service}.yaml").read_text())
             doc = adapt_config(
                 shipped,
                 site=site,
                 sites=self.sites,
-                private_key=self.keyring.private_key(service),
-                jwks=self.jwks_path,
+                private_key=keyring.private_key(service),
+                jwks=keyring.jwks_path,
                 audit=self.audit_path(service),
                 tracing_endpoint=self.tracing_endpoint,
                 breaker=self.breaker,

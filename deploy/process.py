@@ -77,6 +77,19 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def loopback_url(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def loopback_listen(*, outbound: int, inbound: int, admin: int) -> dict[str, str]:
+    """A config's `listen` section: the three listeners on 127.0.0.1."""
+    return {
+        "outbound": f"127.0.0.1:{outbound}",
+        "inbound": f"127.0.0.1:{inbound}",
+        "admin": f"127.0.0.1:{admin}",
+    }
+
+
 def child_env(base: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of a mesh process: no proxies, no inherited OTEL_* or *_URL."""
     env = {
@@ -302,24 +315,21 @@ class SidecarProcess(Process):
 
     @property
     def outbound_url(self) -> str:
-        return f"http://127.0.0.1:{self.outbound}"
+        return loopback_url(self.outbound)
 
     @property
     def inbound_url(self) -> str:
-        return f"http://127.0.0.1:{self.inbound}"
+        return loopback_url(self.inbound)
 
     @property
     def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin}"
+        return loopback_url(self.admin)
 
     def write_config(self) -> None:
         """`config` as YAML at `config_path`, with the listen and audit sections it leaves out."""
         doc = dict(self.config)
-        doc.setdefault("listen", {
-            "outbound": f"127.0.0.1:{self.outbound}",
-            "inbound": f"127.0.0.1:{self.inbound}",
-            "admin": f"127.0.0.1:{self.admin}",
-        })  # fmt: skip
+        ports = {"outbound": self.outbound, "inbound": self.inbound, "admin": self.admin}
+        doc.setdefault("listen", loopback_listen(**ports))
         doc.setdefault("audit", {"path": str(self.audit_path)})
         self.config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
