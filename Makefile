@@ -22,7 +22,7 @@ tools:
 	  else echo "docker-compose missing and not root; compose validation tests will skip"; fi; }
 
 lint: $(STAMP)
-	$(BIN)/ruff check sidecar tests deploy
+	$(BIN)/ruff check sidecar tests deploy bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy sidecar

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.support.mesh import Mesh
-from tests.support.upstream import Upstream
+from bench import upstream
+from deploy.process import KeyRing, SidecarProcess
 
 
 async def load(url: str, *, requests: int, concurrency: int) -> list[float]:
@@ -50,26 +50,31 @@ def report(name: str, latencies: list[float], elapsed: float) -> None:
 
 async def main(requests: int, concurrency: int) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
-    app = await Upstream().start()
-    mesh = Mesh(workdir, ["a", "b"])
-    b = mesh.sidecar("b", inbound={"app": app.url})
-    await b.start()
-    a = mesh.sidecar("a", services={"b": {"endpoints": [b.inbound_url]}})
-    await a.start()
-    try:
-        print(f"{requests} GETs at concurrency {concurrency}, loopback, 2 cores")
-        for name, url in [("app alone", app.url + "/claims/1"),
-                          ("through sidecar A and B", a.outbound_url + "/b/claims/1")]:
-            await load(url, requests=min(200, requests), concurrency=concurrency)  # warm up
-            app.seen.clear()
-            started = time.perf_counter()
-            latencies = await load(url, requests=requests, concurrency=concurrency)
-            report(name, latencies, time.perf_counter() - started)
-    finally:
-        await mesh.stop()
-        await app.stop()
-        print(f"peak RSS of the largest sidecar process: "
-              f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
+    keyring = KeyRing(workdir).generate(["a", "b"])
+    sidecars: list[SidecarProcess] = []
+
+    async def start(name: str, **config: object) -> SidecarProcess:
+        doc = {"service": name, "identity": keyring.identity(name), "drain_timeout": "5s"}
+        sidecar = SidecarProcess.in_dir(name, {**doc, **config}, workdir)
+        sidecars.append(sidecar)
+        return await sidecar.start()
+
+    async with upstream.serving() as app_url:
+        try:
+            b = await start("b", inbound={"app": app_url})
+            a = await start("a", services={"b": {"endpoints": [b.inbound_url]}})
+            print(f"{requests} GETs at concurrency {concurrency}, loopback, 2 cores")
+            for name, url in [("app alone", app_url + "/claims/1"),
+                              ("through sidecar A and B", a.outbound_url + "/b/claims/1")]:
+                await load(url, requests=min(200, requests), concurrency=concurrency)  # warm up
+                started = time.perf_counter()
+                latencies = await load(url, requests=requests, concurrency=concurrency)
+                report(name, latencies, time.perf_counter() - started)
+        finally:
+            for sidecar in reversed(sidecars):
+                await sidecar.stop()
+    print(f"peak RSS of the largest sidecar process: "
+          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ import yaml
 from deploy import narration, netns, traces
 from deploy.apps.client import post_encounter
 from deploy.apps.common import AppSettings, Neighbours, Reply
-from deploy.mesh import CONFIG_DIR, LocalMesh, MeshError, loopback_placement, netns_placement
+from deploy.mesh import CONFIG_DIR, LocalMesh, loopback_placement, netns_placement
+from deploy.process import ProcessError
 from deploy.topology import APPS, EDGE, SERVICES
 
 TIME_LIMIT = 55.0  # seconds for the whole demo, clean-up excluded
@@ -132,10 +133,11 @@ class Demo:
         )
         self._describe_sites()
         await self.mesh.prepare()
+        keyring = self.mesh.keyring
         say(
             "",
-            f"Keys: `sidecar keygen` made one key pair per service in {self.mesh.keys_dir},",
-            f"      `sidecar jwks` merged the public keys into {self.mesh.jwks_path}.",
+            f"Keys: `sidecar keygen` made one key pair per service in {keyring.keys_dir},",
+            f"      `sidecar jwks` merged the public keys into {keyring.jwks_path}.",
             f"Configs: deploy/config/*.yaml, rewritten for this machine, in {self.workdir}/config.",
             f"Breakers shortened for the demo: {narration.breaker_text(DEMO_BREAKER)}",
             f"  (deploy/config: {narration.breaker_text(_shipped_breaker())}).",
@@ -483,7 +485,7 @@ async def amain(demo: Demo) -> int:
                     demo.mesh.kill()  # anything still running after an error
     except TimeoutError:
         demo.problems.append(f"the demo did not finish within {TIME_LIMIT:.0f} s")
-    except (MeshError, netns.NetnsError) as exc:
+    except (ProcessError, netns.NetnsError) as exc:
         demo.problems.append(str(exc))
     finally:
         if demo.layout is not None:

@@ -28,7 +28,7 @@ from deploy.apps import (
     insurance_verification,
 )
 from deploy.apps.common import AppSettings, Neighbours, settings_from
-from deploy.mesh import free_ports
+from deploy.process import free_port, free_ports
 from deploy.topology import APPS, EDGE, SERVICES
 from tests.deploy import REPO
 
@@ -456,7 +456,7 @@ def test_render_tree_marks_calls_that_got_no_answer() -> None:
 
 @pytest.fixture
 def unused_port() -> int:
-    return free_ports(1)[0]
+    return free_port()
 
 
 async def test_each_module_serves_on_its_own() -> None:

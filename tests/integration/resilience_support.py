@@ -11,7 +11,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.mesh import Mesh, SidecarProcess
+from deploy.process import SidecarProcess
+from tests.support.mesh import Mesh
 
 # Poll loops wait for a state, never for a length of time: at most this many rounds.
 POLL_ROUNDS = 200

@@ -12,7 +12,8 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from tests.support.mesh import Mesh, SidecarProcess
+from deploy.process import SidecarProcess
+from tests.support.mesh import Mesh
 from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.timeout(90)
@@ -181,7 +182,7 @@ async def test_upstream_failures_are_problem_json(make_mesh, upstreams):
         await asyncio.sleep(30)
 
     slow_app.script = hang
-    from tests.support.mesh import free_port
+    from deploy.process import free_port
 
     dead = free_port()
     a = mesh.sidecar("a", services={

@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from tests.support.mesh import SidecarProcess
+from deploy.process import SidecarProcess
 from tests.support.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.timeout(60)

@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from deploy.process import SidecarProcess
 from sidecar.identity import keys
 from sidecar.identity.tokens import Minter
 from tests.integration.resilience_support import (
@@ -28,7 +29,7 @@ from tests.integration.resilience_support import (
     wait_until,
 )
 from tests.support.faults import FaultProxy
-from tests.support.mesh import Mesh, SidecarProcess
+from tests.support.mesh import Mesh
 from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.timeout(30)
@@ -363,8 +364,9 @@ async def test_deadline_travels_to_the_far_sidecar_which_holds_its_app_call_to_i
 
         # B holds its app call to the header: its own timeout is 10 s and its app
         # answers after 3 s, so only the header can make B answer 504 itself.
-        key = keys.load_private_key(mesh.keys_dir / "a.pem", mesh.algorithm)
-        token = Minter(service="a", algorithm=mesh.algorithm, key=key, ttl=60).token_for("b")
+        ring = mesh.keyring
+        key = keys.load_private_key(ring.private_key("a"), ring.algorithm)
+        token = Minter(service="a", algorithm=ring.algorithm, key=key, ttl=60).token_for("b")
         async with session.get(
             b.inbound_url + "/claims",
             headers={

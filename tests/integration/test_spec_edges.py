@@ -118,7 +118,7 @@ async def test_inbound_records_one_attempt_and_ignores_a_zero_deadline(make_mesh
 
 
 async def test_breaker_gauge_turns_half_open_without_traffic(make_mesh, upstreams):
-    from tests.support.mesh import free_port
+    from deploy.process import free_port
 
     mesh = make_mesh(["a"])
     a = mesh.sidecar("a", services={"dead": {

@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.mesh import Mesh, SidecarProcess, free_port
+from deploy.process import SidecarProcess, free_port
+from tests.support.mesh import Mesh
 from tests.support.otlp import OtlpReceiver, SpanDict
 from tests.support.upstream import Upstream
 

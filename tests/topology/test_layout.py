@@ -12,13 +12,8 @@ import yaml
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from deploy import demo, narration, netns, traces
-from deploy.mesh import (
-    CONFIG_DIR,
-    adapt_config,
-    child_env,
-    loopback_placement,
-    netns_placement,
-)
+from deploy.mesh import CONFIG_DIR, adapt_config, loopback_placement, netns_placement
+from deploy.process import child_env
 from deploy.topology import EDGE, SERVICES
 from sidecar import cli
 from sidecar.identity import keys
