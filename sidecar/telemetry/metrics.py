@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -108,6 +109,8 @@ class Metrics:
             registry=self.registry,
         )
         self._peers: frozenset[str] = frozenset()
+        self._answer_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self._in_flight_children: dict[tuple[str, str], Gauge] = {}
         self.set_peers(peers)
 
     def set_peers(self, names: Iterable[str]) -> None:
@@ -127,8 +130,24 @@ class Metrics:
     def answered(
         self, direction: Direction, peer: str, method: str, code: str, reason: str, seconds: float
     ) -> None:
-        self.requests.labels(direction, peer, safe_method(method), code, reason).inc()
-        self.duration.labels(direction, peer).observe(max(0.0, seconds))
+        key = (direction, peer, safe_method(method), code, reason)
+        children = self._answer_children.get(key)
+        if children is None:
+            # Label values come from closed sets, so this table stays small;
+            # resolving a child is the costly part of a metric update.
+            children = (self.requests.labels(*key),
+                        self.duration.labels(direction, peer))
+            self._answer_children[key] = children
+        children[0].inc()
+        children[1].observe(max(0.0, seconds))
+
+    def in_flight_gauge(self, direction: Direction, peer: str) -> Gauge:
+        """The `sidecar_in_flight` child for one direction and peer (resolved once)."""
+        gauge = self._in_flight_children.get((direction, peer))
+        if gauge is None:
+            gauge = self._in_flight_children[(direction, peer)] = self.in_flight.labels(
+                direction, peer)
+        return gauge
 
     def ejected(self, peer: str) -> None:
         self.ejections.labels(peer.lower()).inc()
@@ -223,7 +242,7 @@ def track_in_flight(*, metrics: Metrics, direction: Direction) -> Layer:
     _check_direction(direction)
 
     async def track_in_flight_layer(call: Call, next: Handler) -> Reply:
-        gauge = metrics.in_flight.labels(direction, metrics.peer(call))
+        gauge = metrics.in_flight_gauge(direction, metrics.peer(call))
         gauge.inc()
         try:
             return await next(call)

@@ -207,7 +207,14 @@ def _name(call: Call) -> str:
 def _finish(
     span: Span, call: Call, *, client: bool, resend: int, reply: Reply | None, error: str | None
 ) -> None:
-    """Name, attributes and status from what is known now; then end the span."""
+    """Name, attributes and status from what is known now; then end the span.
+
+    A span the sampler dropped records nothing: it only carried the context
+    (with its not-sampled flag) to the next hop, so nothing is built for it.
+    """
+    if not span.is_recording():
+        span.end()
+        return
     span.update_name(_name(call))
     attributes: dict[str, str | int] = {
         "http.request.method": safe_method(call.method),
