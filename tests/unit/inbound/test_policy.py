@@ -1,7 +1,10 @@
+"""The inbound policy: who may call what, and the layer that applies it."""
+
 import pytest
 
 from sidecar.config.settings import PolicyRule
-from sidecar.inbound.policy import Policy
+from sidecar.inbound.policy import Policy, authorize
+from tests.support.calls import Next, make_call
 
 SPEC_RULE = PolicyRule(
     sources=("healthcare-api",), methods=("POST",), paths=("/claims", "/claims/*")
@@ -109,3 +112,23 @@ def test_slash_star_covers_every_path() -> None:
     policy = Policy(rules=(PolicyRule(sources=("*",), paths=("/*",)),), public_paths=())
     assert policy.allows("anyone", "GET", "/")
     assert policy.allows("anyone", "GET", "/a/b")
+
+
+# -- the layer ---------------------------------------------------------------------
+
+
+async def test_authorize_default_deny_with_policy() -> None:
+    policy = Policy(rules=(PolicyRule(sources=("a",), methods=("POST",), paths=("/claims/*",)),),
+                    public_paths=("/health",))
+    layer = authorize(policy=policy)
+    downstream = Next()
+    allowed = make_call("/claims/1", method="POST", direction="inbound")
+    allowed.source = "a"
+    assert (await layer(allowed, downstream)).status == 200
+    for source, method, path in [("a", "GET", "/claims/1"), ("c", "POST", "/claims/1"),
+                                 ("a", "POST", "/claimsx")]:
+        denied = make_call(path, method=method, direction="inbound")
+        denied.source = source
+        reply = await layer(denied, downstream)
+        assert reply.status == 403 and reply.reason == "policy_denied"
+    assert len(downstream.calls) == 1
