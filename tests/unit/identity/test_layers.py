@@ -11,8 +11,8 @@ from sidecar.clock import FakeClock
 from sidecar.identity import keys
 from sidecar.identity.layers import attach_token, verify_token
 from sidecar.identity.tokens import Minter, Verifier
-from sidecar.inbound.policy import Policy
 from tests.support.calls import Next, make_call, target
+from tests.support.policy import unconfigured
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ async def test_token_attached_for_mesh_services_only(identity: tuple[Minter, Ver
 
 async def test_verify_token_sets_source_and_hides_token(identity: tuple[Minter, Verifier]) -> None:
     minter, verifier = identity
-    policy = Policy(rules=None, public_paths=("/health",))
+    policy = unconfigured(public=("/health",))
     layer = verify_token(service="b", verifier=verifier, is_public=policy.is_public)
     downstream = Next()
     inbound = make_call("/claims", direction="inbound")
