@@ -22,6 +22,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -37,6 +38,7 @@ class Span:
     start_ns: int
     end_ns: int
     attributes: dict[str, Any]
+    status: str  # UNSET, OK or ERROR
 
     @property
     def duration_ms(self) -> float:
@@ -44,7 +46,10 @@ class Span:
 
 
 def decode(body: bytes) -> list[Span]:
-    """The spans of one OTLP/HTTP protobuf export request."""
+    """The spans of one OTLP/HTTP protobuf export request (gzip-encoded or not).
+
+    The one OTLP span decoder: the tests' receiver (tests/support/otlp.py) uses it too.
+    """
     if body[:2] == GZIP_MAGIC:
         body = gzip.decompress(body)
     message = ExportTraceServiceRequest()
@@ -65,6 +70,9 @@ def decode(body: bytes) -> list[Span]:
                         start_ns=span.start_time_unix_nano,
                         end_ns=span.end_time_unix_nano,
                         attributes=attributes_of(span.attributes),
+                        status=Status.StatusCode.Name(span.status.code).removeprefix(
+                            "STATUS_CODE_"
+                        ),
                     )
                 )
     return spans
@@ -170,7 +178,7 @@ def describe(span: Span) -> str:
 
 
 def attributes_of(pairs: Any) -> dict[str, Any]:
-    """OTLP KeyValue pairs as a plain dict (shared with the tests' receiver)."""
+    """OTLP KeyValue pairs as a plain dict."""
     return {pair.key: _value(pair.value) for pair in pairs}
 
 

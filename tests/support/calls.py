@@ -1,4 +1,4 @@
-"""The one way unit tests make a `Call`, a routed `Target` and a scripted `next`."""
+"""The one way unit tests make a `Call`, a routed `Target`, a `Reply` and a scripted `next`."""
 
 from __future__ import annotations
 
@@ -36,14 +36,20 @@ def target(name: str = "billing", *, timeout: float | None = None,
 def make_call(path: str = "/", *, method: str = "GET", direction: Direction = "outbound",
               headers: Mapping[str, str] | None = None, host: str | None = None,
               query: str = "", body: Body | None = None, source: str = "anonymous",
-              to: Target | None = None, target_name: str | None = None) -> Call:
-    """A call as the edge makes it; `to` routes it (sets `upstream` and `target`)."""
+              to: Target | None = None, target_name: str | None = None, route: str = "/",
+              absolute_host: str | None = None) -> Call:
+    """A call as the edge makes it; `to` routes it (sets `upstream` and `target`).
+
+    `route` is the templated path routing would have set; `absolute_host` the
+    authority of an absolute-form request line.
+    """
     sent: CIMultiDict[str] = CIMultiDict()
     if host is not None:
         sent["Host"] = host
     sent.extend(headers or {})
     call = Call(direction=direction, method=method, path=path, query=query, headers=sent,
-                body=body or Body.empty(), source=source)
+                body=body or Body.empty(), source=source, route=route,
+                absolute_host=absolute_host)
     if to is not None:
         call.upstream = to
         call.target = to.name
@@ -58,14 +64,35 @@ def ok(status: int = 200, reason: str | None = None) -> Reply:
 
 
 class Next:
-    """A scripted `next` that records the calls it saw and answers `reply` (or raises it)."""
+    """A scripted `next`: records every call it sees and answers from `replies`.
 
-    def __init__(self, reply: Reply | Exception | None = None) -> None:
+    Given one reply (`ok()` when none), it answers that to every call; given
+    several, it answers them in turn, once each, and a call past the last fails
+    the test. An exception among them is raised instead of answered. It takes
+    each call's body as the transport does (a stream can be taken only once):
+    `bodies` holds those that were held bytes. `headers` keeps a copy of each
+    call's headers as they were when it came, since a layer may rewrite them
+    before the next attempt.
+    """
+
+    def __init__(self, *replies: Reply | BaseException) -> None:
         self.calls: list[Call] = []
-        self.reply = reply or ok()
+        self.headers: list[CIMultiDict[str]] = []
+        self.bodies: list[bytes] = []
+        self._replies = list(replies) or [ok()]
+        self._repeat = len(self._replies) == 1
 
     async def __call__(self, call: Call) -> Reply:
         self.calls.append(call)
-        if isinstance(self.reply, Exception):
-            raise self.reply
-        return self.reply
+        self.headers.append(CIMultiDict(call.headers))
+        payload = call.body.payload()
+        if isinstance(payload, bytes):
+            self.bodies.append(payload)
+        if self._repeat:
+            reply = self._replies[0]
+        else:
+            assert self._replies, f"call {len(self.calls)} is past the scripted replies"
+            reply = self._replies.pop(0)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply

@@ -198,5 +198,16 @@ def test_template_never_leaks_a_failing_segment() -> None:
 
 
 def test_template_is_cached_but_same_answer() -> None:
-    table = RouteTable(["/patients/{id}"])
-    assert table.template("/patients/1") == table.template("/patients/1") == "/patients/{id}"
+    # Each path gets its own answer whether it comes from the cache or not, an
+    # evicted path is worked out again, and a repeat really is a cache hit.
+    table = RouteTable(["/patients/{id}"], cache_size=2)
+    paths = ["/patients/1", "/patients/1", "/patients/1/coverage", "/claims",
+             "/patients/1", "/claims", "/claims"]
+    answers = [table.template(path) for path in paths]
+    assert answers == ["/patients/{id}", "/patients/{id}", "/patients/{id}/coverage", "/claims",
+                       "/patients/{id}", "/claims", "/claims"]
+    assert answers == [RouteTable(["/patients/{id}"], cache_size=0).template(p) for p in paths]
+    info = table._cached.cache_info()
+    # Hits: the second /patients/1 and the last two /claims. The third
+    # /patients/1 misses: two other paths came since, and the cache holds two.
+    assert (info.hits, info.misses, info.currsize) == (3, 4, 2)

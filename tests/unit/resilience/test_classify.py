@@ -1,7 +1,6 @@
 import asyncio
 
 import pytest
-from multidict import CIMultiDict
 
 from sidecar.http import problem
 from sidecar.resilience.classify import (
@@ -12,29 +11,26 @@ from sidecar.resilience.classify import (
     is_failure,
     is_refusal,
 )
-from sidecar.stack import Reply, UpstreamError
+from sidecar.stack import UpstreamError
+from tests.support.calls import ok
 
 RETRY_ON = frozenset({"connect-failure", "reset", "per-try-timeout", "502", "503", "504"})
 
 
-def upstream(status: int, reason: str | None = None) -> Reply:
-    return Reply(status=status, headers=CIMultiDict(), reason=reason)
-
-
 @pytest.mark.parametrize("status", [200, 204, 301, 404, 429, 499])
 def test_answers_below_500_are_success(status: int) -> None:
-    assert classify(upstream(status), RETRY_ON) is Outcome.SUCCESS
-    assert not is_failure(upstream(status))
+    assert classify(ok(status), RETRY_ON) is Outcome.SUCCESS
+    assert not is_failure(ok(status))
 
 
 @pytest.mark.parametrize("status", [502, 503, 504])
 def test_listed_5xx_are_retryable(status: int) -> None:
-    assert classify(upstream(status), RETRY_ON) is Outcome.RETRYABLE
+    assert classify(ok(status), RETRY_ON) is Outcome.RETRYABLE
 
 
 def test_unlisted_5xx_is_a_plain_failure() -> None:
-    assert classify(upstream(500), RETRY_ON) is Outcome.FAILURE
-    assert failure_kind(upstream(500)) == "500"
+    assert classify(ok(500), RETRY_ON) is Outcome.FAILURE
+    assert failure_kind(ok(500)) == "500"
 
 
 @pytest.mark.parametrize("kind", ["connect-failure", "reset", "per-try-timeout"])
@@ -55,7 +51,7 @@ def test_own_refusals_are_not_failures() -> None:
 
 
 def test_reason_relayed_from_far_sidecar_is_a_failure() -> None:
-    relayed = upstream(503, reason="circuit_open")  # not made here
+    relayed = ok(503, reason="circuit_open")  # not made here
     assert not is_refusal(relayed)
     assert classify(relayed, RETRY_ON) is Outcome.RETRYABLE
 
@@ -77,10 +73,10 @@ def test_cancellation_is_no_outcome() -> None:
 
 def test_error_type_names_the_kind() -> None:
     assert error_type(UpstreamError("connect-failure", sent=False)) == "connect-failure"
-    assert error_type(upstream(503)) == "503"
-    assert error_type(upstream(200)) is None
+    assert error_type(ok(503)) == "503"
+    assert error_type(ok(200)) is None
 
 
 def test_default_retry_on_is_empty() -> None:
-    assert classify(upstream(503)) is Outcome.FAILURE
+    assert classify(ok(503)) is Outcome.FAILURE
     assert Outcome.FAILURE.failed and Outcome.RETRYABLE.failed and not Outcome.SUCCESS.failed

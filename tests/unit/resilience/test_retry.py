@@ -1,5 +1,5 @@
 import random
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
@@ -12,8 +12,8 @@ from sidecar.http import problem
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.retry import backoff_delay, retry, retry_after
 from sidecar.stack import Body, Call, Reply, UpstreamError
+from tests.support.calls import Next, target
 from tests.support.calls import make_call as support_call
-from tests.support.calls import target
 
 GENEROUS = RetryBudget(ratio=1.0, min_per_second=100, window=10)
 
@@ -44,25 +44,6 @@ def released(reply: Reply) -> int:
     return reply.counter.count
 
 
-class Script:
-    """A fake `next`: gives its results in order and remembers every attempt."""
-
-    def __init__(self, results: Sequence[Reply | BaseException]) -> None:
-        self.results = list(results)
-        self.attempts = 0
-        self.bodies: list[bytes] = []
-
-    async def __call__(self, call: Call) -> Reply:
-        self.attempts += 1
-        payload = call.body.payload()
-        if isinstance(payload, bytes):
-            self.bodies.append(payload)
-        result = self.results.pop(0)
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-
 def make_call(method: str = "GET", body: Body | None = None, /, **headers: str) -> Call:
     return support_call("/claims", method=method, body=body, headers=headers, to=target("billing"))
 
@@ -76,7 +57,7 @@ def routed(call: Call, policy: RetryPolicy | None) -> Call:
 async def run(
     clock: FakeClock,
     call: Call,
-    script: Script,
+    script: Next,
     policy: RetryPolicy | None = None,
     budgets: RetryBudgets | None = None,
 ) -> Reply:
@@ -120,11 +101,11 @@ def test_retry_after_seconds_and_date() -> None:
 
 async def test_get_retried_until_success(clock: FakeClock) -> None:
     first, second, third = answer(503), answer(502), answer(200)
-    script = Script([first, second, third])
+    script = Next(first, second, third)
     call = make_call()
     reply = await run(clock, call, script)
     assert reply is third
-    assert script.attempts == 3 and call.attempts == 3
+    assert len(script.calls) == 3 and call.attempts == 3
     assert call.retries == 2
     assert released(first) == 1 and released(second) == 1 and released(third) == 0
     assert len(clock.sleeps) == 2
@@ -132,16 +113,16 @@ async def test_get_retried_until_success(clock: FakeClock) -> None:
 
 
 async def test_attempts_include_the_first(clock: FakeClock) -> None:
-    script = Script([answer(503) for _ in range(5)])
+    script = Next(*[answer(503) for _ in range(5)])
     call = make_call()
     reply = await run(clock, call, script, RetryPolicy(attempts=2))
     assert reply.status == 503 and released(reply) == 0
-    assert script.attempts == 2 and call.attempts == 2
+    assert len(script.calls) == 2 and call.attempts == 2
 
 
 async def test_last_exception_reraised(clock: FakeClock) -> None:
     errors = [UpstreamError("reset", sent=True) for _ in range(3)]
-    script = Script(errors)
+    script = Next(*errors)
     call = make_call()
     with pytest.raises(UpstreamError) as caught:
         await run(clock, call, script)
@@ -150,47 +131,47 @@ async def test_last_exception_reraised(clock: FakeClock) -> None:
 
 
 async def test_not_in_retry_on_is_returned(clock: FakeClock) -> None:
-    script = Script([answer(500), answer(200)])
+    script = Next(answer(500), answer(200))
     reply = await run(clock, make_call(), script)
-    assert reply.status == 500 and script.attempts == 1
+    assert reply.status == 500 and len(script.calls) == 1
     assert clock.sleeps == []
 
 
 async def test_success_and_4xx_not_retried(clock: FakeClock) -> None:
-    script = Script([answer(404), answer(200)])
+    script = Next(answer(404), answer(200))
     call = make_call()
     assert (await run(clock, call, script)).status == 404
-    assert script.attempts == 1 and call.retries == 0
+    assert len(script.calls) == 1 and call.retries == 0
 
 
 async def test_post_not_retried(clock: FakeClock) -> None:
-    script = Script([answer(503), answer(200)])
+    script = Next(answer(503), answer(200))
     assert (await run(clock, make_call("POST"), script)).status == 503
-    assert script.attempts == 1
+    assert len(script.calls) == 1
 
 
 async def test_post_reset_after_sending_not_retried(clock: FakeClock) -> None:
-    script = Script([UpstreamError("reset", sent=True), answer(200)])
+    script = Next(UpstreamError("reset", sent=True), answer(200))
     with pytest.raises(UpstreamError):
         await run(clock, make_call("POST"), script)
-    assert script.attempts == 1
+    assert len(script.calls) == 1
 
 
 async def test_post_with_idempotency_key_retried(clock: FakeClock) -> None:
-    script = Script([answer(503), answer(200)])
+    script = Next(answer(503), answer(200))
     reply = await run(clock, make_call("POST", **{"Idempotency-Key": "k1"}), script)
-    assert reply.status == 200 and script.attempts == 2
+    assert reply.status == 200 and len(script.calls) == 2
 
 
 async def test_post_retried_when_nothing_was_sent(clock: FakeClock) -> None:
-    script = Script([UpstreamError("connect-failure", sent=False), answer(201)])
+    script = Next(UpstreamError("connect-failure", sent=False), answer(201))
     reply = await run(clock, make_call("POST", Body(data=b"{}")), script)
-    assert reply.status == 201 and script.attempts == 2
+    assert reply.status == 201 and len(script.calls) == 2
     assert script.bodies == [b"{}", b"{}"]
 
 
 async def test_lowercase_method_is_still_idempotent(clock: FakeClock) -> None:
-    script = Script([answer(503), answer(200)])
+    script = Next(answer(503), answer(200))
     assert (await run(clock, make_call("get"), script)).status == 200
 
 
@@ -204,7 +185,7 @@ async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
 
 async def test_small_streamed_body_buffered_and_replayed(clock: FakeClock) -> None:
     body = Body(stream=chunks(b"ab", b"cd"))
-    script = Script([answer(503), answer(200)])
+    script = Next(answer(503), answer(200))
     reply = await run(clock, make_call("PUT", body), script)
     assert reply.status == 200
     assert script.bodies == [b"abcd", b"abcd"]
@@ -212,24 +193,24 @@ async def test_small_streamed_body_buffered_and_replayed(clock: FakeClock) -> No
 
 async def test_big_body_streams_once_and_is_not_retried(clock: FakeClock) -> None:
     body = Body(stream=chunks(b"x" * 40, b"y" * 40))
-    script = Script([answer(503), answer(200)])
+    script = Next(answer(503), answer(200))
     call = make_call("PUT", body)
     reply = await run(clock, call, script, RetryPolicy(max_body=64))
-    assert reply.status == 503 and script.attempts == 1
+    assert reply.status == 503 and len(script.calls) == 1
     assert not call.body.replayable
 
 
 async def test_big_body_by_content_length_not_retried(clock: FakeClock) -> None:
     body = Body(stream=chunks(b"x" * 10), length=100)
-    script = Script([UpstreamError("connect-failure", sent=False), answer(200)])
+    script = Next(UpstreamError("connect-failure", sent=False), answer(200))
     with pytest.raises(UpstreamError):
         await run(clock, make_call("PUT", body), script, RetryPolicy(max_body=64))
-    assert script.attempts == 1
+    assert len(script.calls) == 1
 
 
 async def test_single_attempt_policy_does_not_buffer(clock: FakeClock) -> None:
     body = Body(stream=chunks(b"abc"))
-    script = Script([answer(200)])
+    script = Next(answer(200))
     call = make_call("PUT", body)
     await run(clock, call, script, RetryPolicy(attempts=1))
     assert not call.body.complete  # streamed straight through
@@ -240,7 +221,7 @@ async def test_single_attempt_policy_does_not_buffer(clock: FakeClock) -> None:
 
 async def test_retry_after_that_fits_is_the_delay(clock: FakeClock) -> None:
     first = answer(503, **{"Retry-After": "2"})
-    script = Script([first, answer(200)])
+    script = Next(first, answer(200))
     reply = await run(clock, make_call(), script)
     assert reply.status == 200
     assert clock.sleeps == [2.0]
@@ -249,35 +230,35 @@ async def test_retry_after_that_fits_is_the_delay(clock: FakeClock) -> None:
 
 async def test_retry_after_longer_than_time_left_returns_that_reply(clock: FakeClock) -> None:
     first = answer(503, **{"Retry-After": "30"})
-    script = Script([first, answer(200)])
+    script = Next(first, answer(200))
     call = make_call()
     call.deadline = clock.now + 10
     reply = await run(clock, call, script)
     assert reply is first and released(first) == 0
-    assert script.attempts == 1 and clock.sleeps == []
+    assert len(script.calls) == 1 and clock.sleeps == []
 
 
 async def test_retry_after_as_http_date(clock: FakeClock) -> None:
     date = format_datetime(datetime.fromtimestamp(clock.time() + 4, UTC), usegmt=True)
-    script = Script([answer(503, **{"Retry-After": date}), answer(200)])
+    script = Next(answer(503, **{"Retry-After": date}), answer(200))
     assert (await run(clock, make_call(), script)).status == 200
     assert clock.sleeps == [pytest.approx(4.0, abs=1)]
 
 
 async def test_no_retry_when_the_deadline_leaves_no_time(clock: FakeClock) -> None:
-    script = Script([answer(503), answer(200)])
+    script = Next(answer(503), answer(200))
     call = make_call()
     call.deadline = clock.now + 0.0001
     clock.advance(0.0001)  # the first attempt used it all
     assert (await run(clock, call, script)).status == 503
-    assert script.attempts == 1
+    assert len(script.calls) == 1
 
 
 async def test_no_retry_when_the_delay_would_use_up_the_deadline(clock: FakeClock) -> None:
     policy = RetryPolicy(backoff=Backoff(base=5, max=5))
     results: list[int] = []
     for seed in range(20):
-        script = Script([answer(503), answer(200)])
+        script = Next(answer(503), answer(200))
         call = make_call()
         call.deadline = clock.now + 2.5
         retry_layer = retry(budgets=RetryBudgets({}, clock), clock=clock, rng=random.Random(seed))
@@ -297,12 +278,12 @@ async def test_budget_bounds_retries_of_many_failing_calls(clock: FakeClock) -> 
     total_attempts = 0
     total_retries = 0
     for _ in range(200):
-        script = Script([answer(503) for _ in range(3)])
+        script = Next(*[answer(503) for _ in range(3)])
         call = make_call()
         call.deadline = clock.now + 10
         reply = await run(clock, call, script, quick, budgets=budgets)
         assert reply.status == 503 and released(reply) == 0
-        total_attempts += script.attempts
+        total_attempts += len(script.calls)
         total_retries += call.retries
     assert total_retries == total_attempts - 200
     assert total_retries == 1 * 10 + 0.2 * 200  # min_per_second * window + ratio * requests
@@ -311,7 +292,7 @@ async def test_budget_bounds_retries_of_many_failing_calls(clock: FakeClock) -> 
 async def test_budget_is_per_service(clock: FakeClock) -> None:
     tight = RetryBudget(ratio=0, min_per_second=0.1, window=10)
     budgets = RetryBudgets({"billing": tight, "claims": tight}, clock)
-    script = Script([answer(503), answer(503), answer(200)])
+    script = Next(answer(503), answer(503), answer(200))
     call = make_call()
     await run(clock, call, script, budgets=budgets)
     assert call.retries == 1  # one retry allowed in the window, then the answer
@@ -319,7 +300,7 @@ async def test_budget_is_per_service(clock: FakeClock) -> None:
     other.target = "claims"
     retry_layer = retry(budgets=budgets, clock=clock)
     other.deadline = clock.now + 10
-    reply = await retry_layer(routed(other, RetryPolicy()), Script([answer(503), answer(200)]))
+    reply = await retry_layer(routed(other, RetryPolicy()), Next(answer(503), answer(200)))
     assert reply.status == 200
 
 
@@ -329,7 +310,7 @@ async def test_budget_is_per_service(clock: FakeClock) -> None:
 async def test_breaker_refusal_is_returned_and_not_counted_as_attempt(clock: FakeClock) -> None:
     refusal = problem.reply("circuit_open", "x", headers={"Retry-After": "1"})
     first = answer(503)
-    script = Script([first, refusal])
+    script = Next(first, refusal)
     call = make_call()
     reply = await run(clock, call, script)
     assert reply is refusal
@@ -339,8 +320,8 @@ async def test_breaker_refusal_is_returned_and_not_counted_as_attempt(clock: Fak
 
 async def test_policy_comes_from_the_routed_target(clock: FakeClock) -> None:
     retry_layer = retry(budgets=RetryBudgets({}, clock), clock=clock, rng=random.Random(1))
-    script = Script([answer(503)] * 4)
+    script = Next(*[answer(503)] * 4)
     call = make_call()
     call.deadline = clock.now + 10
     await retry_layer(routed(call, RetryPolicy(attempts=4)), script)
-    assert script.attempts == 4
+    assert len(script.calls) == 4

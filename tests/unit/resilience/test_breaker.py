@@ -1,27 +1,15 @@
 import asyncio
 
 import pytest
-from multidict import CIMultiDict
 
 from sidecar.clock import FakeClock
 from sidecar.config.settings import BreakerPolicy
 from sidecar.resilience.breaker import Breaker, Breakers, OnChange, guard
 from sidecar.resilience.classify import Outcome
-from sidecar.stack import Body, Call, Reply, UpstreamError
+from sidecar.stack import Call, Reply, UpstreamError
+from tests.support.calls import Next, make_call, ok
 
 POLICY = BreakerPolicy(failure_threshold=3, recovery_timeout=30, half_open_max_calls=2)
-
-
-def make_call() -> Call:
-    return Call(
-        direction="outbound",
-        method="GET",
-        path="/",
-        query="",
-        headers=CIMultiDict(),
-        body=Body.empty(),
-        target="billing",
-    )
 
 
 def opened(
@@ -198,24 +186,15 @@ def test_registry_reload_keeps_unchanged_state(clock: FakeClock) -> None:
 # --- the layer ------------------------------------------------------------------------------
 
 
-def answer(status: int) -> Reply:
-    return Reply(status=status, headers=CIMultiDict())
-
-
 async def test_guard_counts_every_attempt_and_refuses_when_open(clock: FakeClock) -> None:
     breakers = Breakers({"billing": POLICY}, clock)
     layer = guard(breakers=breakers)
-    sent = 0
-
-    async def failing(call: Call) -> Reply:
-        nonlocal sent
-        sent += 1
-        return answer(503)
+    failing = Next(ok(503))
 
     for _ in range(3):
-        assert (await layer(make_call(), failing)).status == 503
-    refused = await layer(make_call(), failing)
-    assert sent == 3
+        assert (await layer(make_call(target_name="billing"), failing)).status == 503
+    refused = await layer(make_call(target_name="billing"), failing)
+    assert len(failing.calls) == 3
     assert refused.status == 503 and refused.reason == "circuit_open" and refused.made_here
     assert refused.headers["Retry-After"] == "30"
     assert refused.headers["x-sidecar-reason"] == "circuit_open"
@@ -224,25 +203,21 @@ async def test_guard_counts_every_attempt_and_refuses_when_open(clock: FakeClock
 async def test_guard_counts_exceptions_and_reraises(clock: FakeClock) -> None:
     breakers = Breakers({"billing": POLICY}, clock)
     layer = guard(breakers=breakers)
-
-    async def refused(call: Call) -> Reply:
-        raise UpstreamError("connect-failure", sent=False)
+    refused = Next(UpstreamError("connect-failure", sent=False))
 
     for _ in range(3):
         with pytest.raises(UpstreamError):
-            await layer(make_call(), refused)
+            await layer(make_call(target_name="billing"), refused)
     assert breakers.for_service("billing").state == "open"
 
 
 async def test_guard_4xx_is_success(clock: FakeClock) -> None:
     breakers = Breakers({"billing": POLICY}, clock)
     layer = guard(breakers=breakers)
-
-    async def not_found(call: Call) -> Reply:
-        return answer(404)
+    not_found = Next(ok(404))
 
     for _ in range(5):
-        await layer(make_call(), not_found)
+        await layer(make_call(target_name="billing"), not_found)
     assert breakers.for_service("billing").state == "closed"
 
 
@@ -257,14 +232,15 @@ async def test_guard_cancelled_probe_is_not_a_failure(clock: FakeClock) -> None:
     async def hang(call: Call) -> Reply:
         started.set()
         await asyncio.Event().wait()
-        return answer(200)
+        return ok()
 
     async def probe() -> Reply:
-        return await layer(make_call(), hang)
+        return await layer(make_call(target_name="billing"), hang)
 
     task = asyncio.get_running_loop().create_task(probe())
     await started.wait()
-    assert (await layer(make_call(), hang)).reason == "circuit_open"  # the probe is out
+    # The probe is out:
+    assert (await layer(make_call(target_name="billing"), hang)).reason == "circuit_open"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -282,7 +258,7 @@ async def test_guard_deadline_cut_is_a_failure(clock: FakeClock) -> None:
         clock.advance(3)  # the outer deadline fires and cancels the attempt
         raise asyncio.CancelledError
 
-    call = make_call()
+    call = make_call(target_name="billing")
     call.deadline = clock.now + 2
     with pytest.raises(asyncio.CancelledError):
         await layer(call, timed_out)

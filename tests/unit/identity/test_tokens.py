@@ -6,6 +6,8 @@ import base64
 import hashlib
 import hmac
 import json
+import re
+import uuid
 from typing import Any
 
 import jwt
@@ -362,7 +364,18 @@ def test_minted_claims_and_header(mesh: dict[str, Any], clock: FakeClock) -> Non
     assert body["iss"] == "ed" and body["sub"] == "ed" and body["aud"] == TARGET
     assert body["iat"] == 1_700_000_000 and body["exp"] == 1_700_000_060
     assert isinstance(body["iat"], int) and isinstance(body["exp"], int)
-    assert len(body["jti"]) == 32 and int(body["jti"], 16) >= 0
+    # jti is uuid4().hex: 32 lowercase hex digits of a random (version 4) UUID,
+    jti = body["jti"]
+    assert re.fullmatch(r"[0-9a-f]{32}", jti)
+    assert uuid.UUID(hex=jti).version == 4 and uuid.UUID(hex=jti).variant == uuid.RFC_4122
+    # fresh for every token: another minter with the same key, clock and audience
+    # signs the very same claims but for jti.
+    twin = Minter(service="ed", algorithm="EdDSA", key=mesh["private"]["ed"], ttl=TTL, clock=clock)
+    twin_body = decoded(twin.token_for(TARGET))[1]
+    assert {k: v for k, v in twin_body.items() if k != "jti"} == {
+        k: v for k, v in body.items() if k != "jti"
+    }
+    assert twin_body["jti"] != jti
 
 
 def test_sub_is_the_spiffe_id_with_a_trust_domain(mesh: dict[str, Any], clock: FakeClock) -> None:

@@ -1,7 +1,11 @@
+"""The inbound policy: who may call what, and the layer that applies it."""
+
 import pytest
 
 from sidecar.config.settings import PolicyRule
-from sidecar.inbound.policy import Policy
+from sidecar.inbound.policy import Policy, authorize
+from tests.support.calls import Next, make_call
+from tests.support.policy import configured, unconfigured
 
 SPEC_RULE = PolicyRule(
     sources=("healthcare-api",), methods=("POST",), paths=("/claims", "/claims/*")
@@ -9,12 +13,12 @@ SPEC_RULE = PolicyRule(
 
 
 def test_no_policy_allows_any_verified_service() -> None:
-    policy = Policy(rules=None, public_paths=())
+    policy = unconfigured()
     assert policy.allows("anyone", "DELETE", "/anything")
 
 
 def test_empty_policy_denies_everything() -> None:
-    policy = Policy(rules=(), public_paths=())
+    policy = configured()
     assert not policy.allows("healthcare-api", "GET", "/claims")
 
 
@@ -32,50 +36,48 @@ def test_empty_policy_denies_everything() -> None:
     ],
 )
 def test_spec_rule(source: str, method: str, path: str, allowed: bool) -> None:
-    policy = Policy(rules=(SPEC_RULE,), public_paths=())
+    policy = configured(SPEC_RULE)
     assert policy.allows(source, method, path) is allowed
 
 
 def test_rule_sources_compare_case_insensitively() -> None:
-    policy = Policy(rules=(PolicyRule(sources=("Healthcare-API",)),), public_paths=())
+    policy = configured(PolicyRule(sources=("Healthcare-API",)))
     assert policy.allows("healthcare-api", "GET", "/x")
 
 
 def test_rule_without_methods_or_paths_allows_all_of_them() -> None:
-    policy = Policy(rules=(PolicyRule(sources=("a",)),), public_paths=())
+    policy = configured(PolicyRule(sources=("a",)))
     assert policy.allows("a", "PATCH", "/deep/path")
     assert not policy.allows("b", "PATCH", "/deep/path")
 
 
 def test_rule_methods_are_upper_cased() -> None:
-    policy = Policy(rules=(PolicyRule(sources=("a",), methods=("get",)),), public_paths=())
+    policy = configured(PolicyRule(sources=("a",), methods=("get",)))
     assert policy.allows("a", "GET", "/")
     assert not policy.allows("a", "POST", "/")
 
 
 def test_wildcard_source() -> None:
-    rules = (PolicyRule(sources=("*",), methods=("GET",), paths=("/status",)),)
-    policy = Policy(rules=rules, public_paths=())
+    policy = configured(PolicyRule(sources=("*",), methods=("GET",), paths=("/status",)))
     assert policy.allows("whoever", "GET", "/status")
     assert not policy.allows("whoever", "GET", "/claims")
 
 
 def test_any_matching_rule_allows() -> None:
-    rules = (SPEC_RULE, PolicyRule(sources=("billing-engine",), methods=("GET",)))
-    policy = Policy(rules=rules, public_paths=())
+    policy = configured(SPEC_RULE, PolicyRule(sources=("billing-engine",), methods=("GET",)))
     assert policy.allows("billing-engine", "GET", "/claims/1")
     assert policy.allows("healthcare-api", "POST", "/claims/1")
     assert not policy.allows("billing-engine", "POST", "/claims/1")
 
 
 def test_public_paths() -> None:
-    policy = Policy(rules=(), public_paths=("/health", "/docs/*"))
+    policy = configured(public=("/health", "/docs/*"))
     assert policy.is_public("/health")
     assert policy.is_public("/docs")
     assert policy.is_public("/docs/a/b")
     assert not policy.is_public("/health/x")
     assert not policy.is_public("/healthz")
-    assert not Policy(rules=None, public_paths=()).is_public("/health")
+    assert not unconfigured().is_public("/health")
 
 
 @pytest.mark.parametrize(
@@ -106,6 +108,26 @@ def test_a_bare_star_is_not_a_path(
 
 
 def test_slash_star_covers_every_path() -> None:
-    policy = Policy(rules=(PolicyRule(sources=("*",), paths=("/*",)),), public_paths=())
+    policy = configured(PolicyRule(sources=("*",), paths=("/*",)))
     assert policy.allows("anyone", "GET", "/")
     assert policy.allows("anyone", "GET", "/a/b")
+
+
+# -- the layer ---------------------------------------------------------------------
+
+
+async def test_authorize_default_deny_with_policy() -> None:
+    policy = configured(PolicyRule(sources=("a",), methods=("POST",), paths=("/claims/*",)),
+                        public=("/health",))
+    layer = authorize(policy=policy)
+    downstream = Next()
+    allowed = make_call("/claims/1", method="POST", direction="inbound")
+    allowed.source = "a"
+    assert (await layer(allowed, downstream)).status == 200
+    for source, method, path in [("a", "GET", "/claims/1"), ("c", "POST", "/claims/1"),
+                                 ("a", "POST", "/claimsx")]:
+        denied = make_call(path, method=method, direction="inbound")
+        denied.source = source
+        reply = await layer(denied, downstream)
+        assert reply.status == 403 and reply.reason == "policy_denied"
+    assert len(downstream.calls) == 1

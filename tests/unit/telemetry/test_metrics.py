@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.clock import FakeClock
@@ -13,8 +12,10 @@ from sidecar.config.settings import BreakerPolicy
 from sidecar.http import guards, problem
 from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.classify import Outcome
-from sidecar.stack import Body, Call, Direction, Handler, Reply, UpstreamError, compose
+from sidecar.stack import Call, Direction, Handler, Reply, UpstreamError, compose
 from sidecar.telemetry.metrics import Metrics, observe, track_in_flight
+from tests.support.calls import Next, ok
+from tests.support.calls import make_call as support_call
 
 FAMILIES = {
     "sidecar_requests": ("counter", {"direction", "peer", "method", "code", "reason"}),
@@ -33,15 +34,15 @@ def make_call(
     target: str = "insurance-verification",
     source: str = "billing-engine",
 ) -> Call:
-    return Call(
+    """A call with PHI in its path and query and a token, routed to `/patients/{id}`."""
+    return support_call(
+        "/patients/MRN12345678",
         direction=direction,
         method=method,
-        path="/patients/MRN12345678",
         query="ssn=078-05-1120",
-        headers=CIMultiDict({"x-service-token": "secret-token"}),
-        body=Body.empty(),
+        headers={"x-service-token": "secret-token"},
         source=source,
-        target=target,
+        target_name=target,
         route="/patients/{id}",
     )
 
@@ -62,15 +63,6 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
     matching = [v for found, v in samples(metrics, name) if found == labels]
     assert len(matching) == 1, f"{name}{labels}: {samples(metrics, name)}"
     return matching[0]
-
-
-def answering(reply: Reply, clock: FakeClock | None = None, seconds: float = 0.0) -> Handler:
-    async def terminal(call: Call) -> Reply:
-        if clock is not None:
-            clock.advance(seconds)
-        return reply
-
-    return terminal
 
 
 def test_exactly_the_spec_families_with_their_labels() -> None:
@@ -97,9 +89,13 @@ def test_exactly_the_spec_families_with_their_labels() -> None:
 async def test_observe_counts_the_answer_and_its_duration() -> None:
     clock = FakeClock()
     metrics = Metrics(peers=["insurance-verification"])
+
+    async def takes_300ms(call: Call) -> Reply:
+        clock.advance(0.3)
+        return ok()
+
     handler = compose(
-        observe(metrics=metrics, direction="outbound", clock=clock),
-        terminal=answering(Reply(status=200, headers=CIMultiDict()), clock, 0.3),
+        observe(metrics=metrics, direction="outbound", clock=clock), terminal=takes_300ms
     )
 
     await handler(make_call())
@@ -121,13 +117,13 @@ async def test_observe_counts_the_answer_and_its_duration() -> None:
 async def test_labels_never_carry_raw_values() -> None:
     metrics = Metrics(peers=["insurance-verification"])
     clock = FakeClock()
-    relayed = Reply(status=503, headers=CIMultiDict(), reason="Smith, John")
+    relayed = ok(503, reason="Smith, John")
     await compose(
-        observe(metrics=metrics, direction="outbound", clock=clock), terminal=answering(relayed)
+        observe(metrics=metrics, direction="outbound", clock=clock), terminal=Next(relayed)
     )(make_call(method="BREW"))
     refused = problem.reply("no_route", "unknown service")
     await compose(
-        observe(metrics=metrics, direction="outbound", clock=clock), terminal=answering(refused)
+        observe(metrics=metrics, direction="outbound", clock=clock), terminal=Next(refused)
     )(make_call(target="MRN12345678.evil"))
 
     assert (
@@ -168,10 +164,10 @@ async def test_inbound_peer_is_the_verified_source_or_anonymous() -> None:
         return await next(call)
 
     layer = observe(metrics=metrics, direction="inbound", clock=clock)
-    await compose(layer, verify, terminal=answering(Reply(status=200, headers=CIMultiDict())))(
+    await compose(layer, verify, terminal=Next())(
         make_call("inbound", source="anonymous")
     )
-    await compose(layer, terminal=answering(problem.reply("token_missing", "no token")))(
+    await compose(layer, terminal=Next(problem.reply("token_missing", "no token")))(
         make_call("inbound", source="anonymous")
     )
 
@@ -206,12 +202,8 @@ async def test_escaped_failures_are_counted_as_their_answer() -> None:
     # layer answers upstream failures and the last resort anything else.
     metrics = Metrics(peers=["insurance-verification"])
 
-    async def timing_out(call: Call) -> Reply:
-        raise UpstreamError("timeout", sent=True)
-
-    async def broken(call: Call) -> Reply:
-        raise RuntimeError("a bug")
-
+    timing_out = Next(UpstreamError("timeout", sent=True))
+    broken = Next(RuntimeError("a bug"))
     outer = (observe(metrics=metrics, direction="outbound", clock=FakeClock()),
              guards.answer_internal_errors())
     reply = await compose(*outer, guards.answer_failures(who=""), terminal=timing_out)(make_call())
@@ -242,7 +234,7 @@ async def test_in_flight_rises_and_falls() -> None:
     async def slow(call: Call) -> Reply:
         entered.set()
         await leave.wait()
-        return Reply(status=200, headers=CIMultiDict())
+        return ok()
 
     handler = compose(track_in_flight(metrics=metrics, direction="outbound"), terminal=slow)
     task = asyncio.ensure_future(handler(make_call()))

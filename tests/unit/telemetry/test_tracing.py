@@ -9,7 +9,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 
 import pytest
-from multidict import CIMultiDict
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -17,7 +16,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from sidecar.config import settings
 from sidecar.http import problem
-from sidecar.stack import Body, Call, Direction, Handler, Layer, Reply, UpstreamError, compose
+from sidecar.stack import Call, Direction, Handler, Layer, Reply, UpstreamError, compose
 from sidecar.telemetry.tracing import (
     ATTRIBUTES,
     DropReport,
@@ -30,6 +29,8 @@ from sidecar.telemetry.tracing import (
     setup_tracing,
     trace_context,
 )
+from tests.support.calls import Next, ok
+from tests.support.calls import make_call as support_call
 from tests.support.otlp import OtlpReceiver
 
 APP_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -45,22 +46,22 @@ TRACEPARENT_FORMAT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-0[0-3]$")
 def make_call(
     direction: Direction = "outbound", *, traceparent: str | None = TRACEPARENT, method: str = "GET"
 ) -> Call:
-    headers: CIMultiDict[str] = CIMultiDict()
+    """A call with PHI in its path and query, a token and baggage, and the app's context."""
+    headers: dict[str, str] = {}
     if traceparent is not None:
         headers["traceparent"] = traceparent
         headers["tracestate"] = "vendor=abc"
     headers["baggage"] = "user=alice"
     headers["x-service-token"] = TOKEN
     outbound = direction == "outbound"
-    return Call(
+    return support_call(
+        RAW_PATH,
         direction=direction,
         method=method,
-        path=RAW_PATH,
         query=QUERY,
         headers=headers,
-        body=Body.empty(),
         source="billing-engine" if outbound else "anonymous",
-        target="insurance-verification" if outbound else "billing-engine",
+        target_name="insurance-verification" if outbound else "billing-engine",
         route="/patients/{id}/coverage",
     )
 
@@ -72,21 +73,6 @@ def memory_plan() -> ExportPlan:
 def memory_tracing() -> tuple[Tracing, InMemorySpanExporter]:
     exporter = InMemorySpanExporter()
     return Tracing(memory_plan(), exporter), exporter
-
-
-class Upstream:
-    """A scripted terminal: answers in turn, remembering the headers of each attempt."""
-
-    def __init__(self, *answers: Reply | BaseException) -> None:
-        self.answers = list(answers)
-        self.seen: list[CIMultiDict[str]] = []
-
-    async def __call__(self, call: Call) -> Reply:
-        self.seen.append(CIMultiDict(call.headers))
-        answer = self.answers.pop(0)
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
 
 
 def retry_twice() -> Layer:
@@ -105,10 +91,6 @@ def trace_id_of(call: Call) -> str:
     """The trace id the audit log will record for `call`."""
     assert call.trace is not None
     return call.trace.trace_id_hex
-
-
-def ok(status: int = 200, reason: str | None = None) -> Reply:
-    return Reply(status=status, headers=CIMultiDict(), reason=reason)
 
 
 def assert_phi_free(spans: list[dict[str, object]]) -> None:
@@ -217,7 +199,7 @@ def test_unsupported_values_are_ignored() -> None:
 
 async def test_client_span_per_attempt_reaches_the_collector(receiver: OtlpReceiver) -> None:
     tracing = exporting_to(receiver)
-    upstream = Upstream(ok(503, "upstream_connect_failure"), ok(200))
+    upstream = Next(ok(503, "upstream_connect_failure"), ok(200))
     handler = compose(
         trace_context(tracing=tracing),
         retry_twice(),
@@ -232,7 +214,7 @@ async def test_client_span_per_attempt_reaches_the_collector(receiver: OtlpRecei
     assert tracing.force_flush()
     spans = receiver.wait_for(lambda spans: len(spans) >= 2)
     first, second = sorted(spans, key=lambda s: s["attributes"].get("http.request.resend_count", 0))
-    for span, sent in zip((first, second), upstream.seen, strict=True):
+    for span, sent in zip((first, second), upstream.headers, strict=True):
         assert span["name"] == "GET /patients/{id}/coverage"
         assert span["kind"] == "CLIENT"
         assert span["service_name"] == "billing-engine"
@@ -269,7 +251,7 @@ async def test_client_span_per_attempt_reaches_the_collector(receiver: OtlpRecei
 
 async def test_server_span_passes_its_context_to_the_app(receiver: OtlpReceiver) -> None:
     tracing = exporting_to(receiver)
-    app = Upstream(ok(201))
+    app = Next(ok(201))
 
     async def verify_and_normalise(call: Call, next: Handler) -> Reply:
         # What the token check and path normalisation do inside the server span.
@@ -288,7 +270,7 @@ async def test_server_span_passes_its_context_to_the_app(receiver: OtlpReceiver)
     assert span["kind"] == "SERVER"
     assert span["name"] == "POST /claims/{id}"
     assert (span["trace_id"], span["parent_span_id"]) == (APP_TRACE, APP_SPAN)
-    sent = app.seen[0]
+    sent = app.headers[0]
     assert sent["traceparent"] == f"00-{APP_TRACE}-{span['span_id']}-01"
     assert "baggage" not in sent
     assert span["attributes"]["peer.service"] == "healthcare-api"
@@ -307,7 +289,7 @@ async def test_gzip_export_is_decoded(
 ) -> None:
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip")
     tracing = exporting_to(receiver)
-    await compose(client_span(tracing=tracing), terminal=Upstream(ok()))(make_call())
+    await compose(client_span(tracing=tracing), terminal=Next(ok()))(make_call())
     assert tracing.force_flush()
     receiver.wait_for(lambda spans: len(spans) == 1)
     assert receiver.encodings == ["gzip"]
@@ -319,7 +301,7 @@ async def test_gzip_export_is_decoded(
 
 async def test_trace_id_exists_with_export_off() -> None:
     tracing = setup_tracing(settings.Tracing(exporter="none"), service_name="s", env={})
-    upstream = Upstream(ok(), ok())
+    upstream = Next(ok(), ok())
     handler = compose(
         trace_context(tracing=tracing), client_span(tracing=tracing), terminal=upstream
     )
@@ -331,7 +313,7 @@ async def test_trace_id_exists_with_export_off() -> None:
     ids = [trace_id_of(first), trace_id_of(second)]
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) and i != "0" * 32 for i in ids)
     assert ids[0] != ids[1]
-    for call, sent in zip((first, second), upstream.seen, strict=True):
+    for call, sent in zip((first, second), upstream.headers, strict=True):
         match = TRACEPARENT_FORMAT.match(sent["traceparent"])
         assert match is not None and match.group(1) == trace_id_of(call)
     assert tracing.dropped == 0
@@ -356,17 +338,17 @@ async def test_trace_id_exists_when_no_attempt_is_made() -> None:
 async def test_trace_id_exists_with_sdk_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
     tracing = setup_tracing(settings.Tracing(exporter="otlp"), service_name="s")
-    upstream = Upstream(ok())
+    upstream = Next(ok())
     call = make_call(traceparent=None)
     await compose(client_span(tracing=tracing), terminal=upstream)(call)
-    match = TRACEPARENT_FORMAT.match(upstream.seen[0]["traceparent"])
+    match = TRACEPARENT_FORMAT.match(upstream.headers[0]["traceparent"])
     assert match is not None and match.group(1) == trace_id_of(call)
     assert tracing.plan.exporter == "none"
 
 
 async def test_attempts_without_incoming_context_share_one_trace() -> None:
     tracing, exporter = memory_tracing()
-    handler = compose(retry_twice(), client_span(tracing=tracing), terminal=Upstream(ok(502), ok()))
+    handler = compose(retry_twice(), client_span(tracing=tracing), terminal=Next(ok(502), ok()))
     call = make_call(traceparent="00-garbage")
     await handler(call)
     assert tracing.force_flush()
@@ -381,7 +363,7 @@ async def test_failure_is_named_by_type_only() -> None:
     tracing, exporter = memory_tracing()
     handler = compose(
         client_span(tracing=tracing),
-        terminal=Upstream(UpstreamError("connect-failure", sent=False)),
+        terminal=Next(UpstreamError("connect-failure", sent=False)),
     )
     with pytest.raises(UpstreamError):
         await handler(make_call())
@@ -397,7 +379,7 @@ async def test_failure_is_named_by_type_only() -> None:
 
 async def test_unknown_method_and_relayed_free_text_reason_are_not_shown() -> None:
     tracing, exporter = memory_tracing()
-    handler = compose(client_span(tracing=tracing), terminal=Upstream(ok(200, "Smith, John")))
+    handler = compose(client_span(tracing=tracing), terminal=Next(ok(200, "Smith, John")))
     await handler(make_call(method="PROPFIND"))
     assert tracing.force_flush()
     [span] = exporter.get_finished_spans()
@@ -427,7 +409,7 @@ async def test_hanging_collector_drops_spans_and_calls_complete(
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     with OtlpReceiver(mode="hang") as rx:
         tracing = exporting_to(rx, max_queue_size=4, max_batch=2, export_timeout=0.2)
-        handler = compose(client_span(tracing=tracing), terminal=Upstream(*[ok()] * 20))
+        handler = compose(client_span(tracing=tracing), terminal=Next(*[ok()] * 20))
         replies = [await handler(make_call()) for _ in range(20)]
 
         assert [r.status for r in replies] == [200] * 20
@@ -440,7 +422,7 @@ async def test_hanging_collector_drops_spans_and_calls_complete(
 async def test_failing_collector_counts_drops(receiver: OtlpReceiver) -> None:
     receiver.mode = "fail"
     tracing = exporting_to(receiver)
-    handler = compose(client_span(tracing=tracing), terminal=Upstream(ok(), ok(), ok()))
+    handler = compose(client_span(tracing=tracing), terminal=Next(ok(), ok(), ok()))
     for _ in range(3):
         assert (await handler(make_call())).status == 200
     assert tracing.force_flush()

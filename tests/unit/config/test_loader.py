@@ -1,4 +1,4 @@
-"""Config loading: the typed tree, units, ${VAR}, inheritance, and errors with key paths."""
+"""Config loading: the typed tree, ${VAR}, inheritance, and errors with key paths."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from sidecar.config.settings import (
     Service,
     ServicePolicy,
 )
-from sidecar.config.units import parse_duration, parse_size
 from sidecar.identity import keys
 
 SPEC_EXAMPLE = """
@@ -170,17 +169,6 @@ def test_hs256_takes_a_secret_instead_of_keys(tmp_path: Path) -> None:
     joined = "\n".join(caught.value.errors)
     assert "identity.secret_file: is required with HS256" in joined
     assert "identity.jwks_file:" in joined
-
-
-def test_units() -> None:
-    assert parse_duration("250ms") == 0.25
-    assert parse_duration("2m") == 120
-    assert parse_size("64KiB") == 65536
-    for bad in ("10", "5 parsecs", 10):
-        with pytest.raises(ValueError):
-            parse_duration(bad)
-    with pytest.raises(ValueError):
-        parse_size("12XB")
 
 
 def test_app_must_be_on_loopback(tmp_path: Path, key_dir: Path) -> None:

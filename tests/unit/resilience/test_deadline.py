@@ -1,7 +1,6 @@
 import asyncio
 
 import pytest
-from multidict import CIMultiDict
 
 from sidecar.clock import FakeClock
 from sidecar.config.settings import ServicePolicy
@@ -13,8 +12,8 @@ from sidecar.resilience.deadline import (
     remaining,
 )
 from sidecar.stack import Call, Reply, UpstreamError
+from tests.support.calls import Next, ok, target
 from tests.support.calls import make_call as support_call
-from tests.support.calls import target
 
 
 def make_call(timeout: float = 10.0, per_try: float = 3.0, mesh: bool = True,
@@ -22,10 +21,6 @@ def make_call(timeout: float = 10.0, per_try: float = 3.0, mesh: bool = True,
     """A call routed to `billing` with these settings."""
     to = target("billing", timeout=timeout, per_try_timeout=per_try, mesh=mesh)
     return support_call("/claims", headers=headers, to=to)
-
-
-def ok() -> Reply:
-    return Reply(status=200, headers=CIMultiDict())
 
 
 async def hang_after(clock: FakeClock, seconds: float) -> None:
@@ -75,16 +70,11 @@ async def test_deadline_is_now_plus_timeout(clock: FakeClock) -> None:
 
 
 async def test_header_shortens_and_is_removed(clock: FakeClock) -> None:
-    seen: list[Call] = []
-
-    async def next(call: Call) -> Reply:
-        seen.append(call)
-        return ok()
-
+    next = Next()
     layer = deadline(clock=clock)
     await layer(make_call(timeout=10.0, **{TIMEOUT_HEADER: "1500"}), next)
-    assert seen[0].deadline == clock.now + 1.5
-    assert TIMEOUT_HEADER not in seen[0].headers
+    assert next.calls[0].deadline == clock.now + 1.5
+    assert TIMEOUT_HEADER not in next.calls[0].headers
 
 
 async def test_header_never_lengthens(clock: FakeClock) -> None:
@@ -104,11 +94,7 @@ async def test_header_never_lengthens(clock: FakeClock) -> None:
 async def test_invalid_header_is_ignored_and_removed(clock: FakeClock) -> None:
     layer = deadline(clock=clock)
     call = make_call(timeout=3.0, **{TIMEOUT_HEADER: "soon"})
-
-    async def next(call: Call) -> Reply:
-        return ok()
-
-    await layer(call, next)
+    await layer(call, Next())
     assert call.deadline == clock.now + 3.0
     assert TIMEOUT_HEADER not in call.headers
 
@@ -142,23 +128,17 @@ async def test_overrun_detail_does_not_echo_the_header(loop_on: FakeClock) -> No
 
 
 async def test_inner_timeout_error_becomes_504(clock: FakeClock) -> None:
-    async def next(call: Call) -> Reply:
-        raise UpstreamError("timeout", sent=True)
-
+    next = Next(UpstreamError("timeout", sent=True))
     reply = await deadline(clock=clock)(make_call(timeout=1.0), next)
     assert reply.status == 504
 
 
 async def test_other_errors_pass_through(clock: FakeClock) -> None:
-    async def next(call: Call) -> Reply:
-        raise UpstreamError("reset", sent=True)
-
+    next = Next(UpstreamError("reset", sent=True))
     with pytest.raises(UpstreamError):
         await deadline(clock=clock)(make_call(timeout=1.0), next)
 
-    async def foreign_timeout(call: Call) -> Reply:
-        raise TimeoutError  # not ours: must not be mistaken for the deadline
-
+    foreign_timeout = Next(TimeoutError())  # not ours: must not be mistaken for the deadline
     with pytest.raises(TimeoutError):
         await deadline(clock=clock)(make_call(timeout=1.0), foreign_timeout)
 
@@ -170,12 +150,7 @@ def test_deadline_rejects_nonpositive_timeout(clock: FakeClock) -> None:
 
 
 async def test_per_attempt_sends_time_left_to_far_sidecar(clock: FakeClock) -> None:
-    sent: list[str] = []
-
-    async def next(call: Call) -> Reply:
-        sent.append(call.headers[TIMEOUT_HEADER])
-        return ok()
-
+    next = Next()
     layer = per_attempt(clock=clock)
     call = make_call(per_try=3.0)
     call.deadline = clock.now + 10
@@ -186,17 +161,15 @@ async def test_per_attempt_sends_time_left_to_far_sidecar(clock: FakeClock) -> N
     # tenth of a short bound), so its own answer arrives first.
     call.deadline = clock.now + 0.2
     await layer(call, next)
-    assert sent == ["2950", "1184", "180"]
+    assert [headers[TIMEOUT_HEADER] for headers in next.headers] == ["2950", "1184", "180"]
     assert call.headers.getall(TIMEOUT_HEADER) == ["180"]  # replaced, not added
 
 
 async def test_per_attempt_outside_mesh_sends_no_header(clock: FakeClock) -> None:
-    async def next(call: Call) -> Reply:
-        assert TIMEOUT_HEADER not in call.headers
-        return ok()
-
+    next = Next()
     layer = per_attempt(clock=clock)
     assert (await layer(make_call(per_try=3.0, mesh=False), next)).status == 200
+    assert TIMEOUT_HEADER not in next.headers[0]
 
 
 async def test_per_attempt_expiry_is_per_try_timeout(loop_on: FakeClock) -> None:
@@ -231,18 +204,13 @@ async def test_per_attempt_expiry_on_deadline_is_timeout(loop_on: FakeClock) -> 
 
 
 async def test_per_attempt_with_no_time_left_sends_nothing(clock: FakeClock) -> None:
-    calls: list[Call] = []
-
-    async def next(call: Call) -> Reply:
-        calls.append(call)
-        return ok()
-
+    next = Next()
     call = make_call(per_try=3.0)
     call.deadline = clock.now - 1
     with pytest.raises(UpstreamError) as caught:
         await per_attempt(clock=clock)(call, next)
     assert caught.value.kind == "timeout" and not caught.value.sent
-    assert calls == []
+    assert next.calls == []
 
 
 async def test_deadline_and_per_attempt_together_answer_504(loop_on: FakeClock) -> None:

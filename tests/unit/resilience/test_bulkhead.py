@@ -3,12 +3,12 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 import pytest
-from multidict import CIMultiDict
 
 from sidecar.clock import FakeClock
 from sidecar.config.settings import BulkheadPolicy
 from sidecar.resilience.bulkhead import Bulkhead, Bulkheads, limit
 from sidecar.stack import Call, Reply
+from tests.support.calls import Next, ok
 from tests.support.calls import make_call as support_call
 
 T = TypeVar("T")
@@ -31,7 +31,7 @@ class Gate:
         self.open[name] = asyncio.Event()
         self.entered.append(name)
         await self.open[name].wait()
-        return Reply(status=200, headers=CIMultiDict())
+        return ok()
 
     def finish(self, name: str) -> None:
         self.open[name].set()
@@ -131,11 +131,8 @@ async def test_slot_freed_when_the_call_fails(clock: FakeClock) -> None:
     bulkheads = Bulkheads({"billing": BulkheadPolicy(max_concurrent=1, max_pending=0)})
     layer = limit(bulkheads=bulkheads, clock=clock)
 
-    async def broken(call: Call) -> Reply:
-        raise RuntimeError("boom")
-
     with pytest.raises(RuntimeError):
-        await layer(make_call(), broken)
+        await layer(make_call(), Next(RuntimeError("boom")))
     assert bulkheads.for_service("billing").in_flight == 0
 
 
