@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 
 from deploy.process import SidecarProcess
+from tests.support.audit import audit_lines, wait_for_audit
 from tests.support.mesh import Mesh
 from tests.support.upstream import Upstream
 
@@ -32,20 +33,6 @@ async def two_sidecars(make_mesh: Callable[..., Mesh], upstreams: Callable[..., 
                                           "retry": {"attempts": 1}}})
     await a.start()
     return a, b, app_b
-
-
-def audit_lines(process: SidecarProcess) -> list[dict[str, object]]:
-    return [json.loads(line) for line in process.audit_path.read_text().splitlines()]
-
-
-async def wait_for_audit(process: SidecarProcess, count: int) -> list[dict[str, object]]:
-    for _ in range(200):
-        if process.audit_path.exists():
-            lines = audit_lines(process)
-            if len(lines) >= count:
-                return lines
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{process.name} wrote fewer than {count} audit lines")
 
 
 async def test_each_addressing_form_reaches_b_with_verified_identity(make_mesh, upstreams):

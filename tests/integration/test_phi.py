@@ -20,6 +20,7 @@ from aiohttp import web
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from deploy.process import SidecarProcess
+from tests.support.audit import audit_lines
 from tests.support.otlp import OtlpReceiver
 
 pytestmark = pytest.mark.timeout(60)
@@ -188,7 +189,7 @@ async def test_no_canary_reaches_spans_metrics_logs_audit_or_admin(make_mesh, up
     assert len(spans) >= 10
     assert any(s["name"] == "GET /claims/{id}/{id}/{id}" for s in spans)
     # a also audits the 431 it refused while parsing the headers.
-    assert len(audit_records(a)) == 10 and len(audit_records(b)) == 9
+    assert len(audit_lines(a)) == 10 and len(audit_lines(b)) == 9
 
     found: dict[str, list[str]] = {}
     for i, export in enumerate(exports):
@@ -214,7 +215,3 @@ async def admin_views(session: aiohttp.ClientSession, process: SidecarProcess) -
             assert response.status == 200, view
             views[view] = await response.text()
     return views
-
-
-def audit_records(process: SidecarProcess) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in process.audit_path.read_text().splitlines()]

@@ -8,9 +8,7 @@ of the app. Upstreams count what reached them; nothing is timed.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
 import pytest
@@ -28,6 +26,7 @@ from tests.integration.resilience_support import (
     start_a,
     wait_until,
 )
+from tests.support.audit import audit_lines
 from tests.support.faults import FaultProxy
 from tests.support.mesh import Mesh
 from tests.support.upstream import Upstream
@@ -37,13 +36,6 @@ pytestmark = pytest.mark.timeout(30)
 # Retries on, breaker out of the way: these tests watch the retry layer alone.
 RETRYING = {"attempts": 3, "backoff": QUICK_BACKOFF}
 NO_BREAKER = {"failure_threshold": 1000}
-
-
-async def audit_lines(process: SidecarProcess) -> list[dict[str, Any]]:
-    """The audit records written so far (the log is appended in the background)."""
-    if not process.audit_path.exists():
-        return []
-    return [json.loads(line) for line in process.audit_path.read_text().splitlines()]
 
 
 async def faulted(upstream: Upstream, mode: str) -> FaultProxy:
@@ -378,8 +370,8 @@ async def test_deadline_travels_to_the_far_sidecar_which_holds_its_app_call_to_i
             assert (await problem_of(response))["reason"] == "upstream_timeout"
         assert len(app_b.seen) == 1
         assert "x-sidecar-timeout-ms" not in app_b.seen[0].headers
-        await wait_until(lambda: audit_lines(b), "b's audit line")
-        audit = await audit_lines(b)
+        await wait_until(lambda: _has_records(b, 1), "b's audit line")
+        audit = audit_lines(b)
         assert [(r["status"], r["reason"]) for r in audit] == [(504, "upstream_timeout")]
 
         # End to end: the app's deadline bounds the whole chain A -> B -> B's app.
@@ -397,4 +389,4 @@ async def test_deadline_travels_to_the_far_sidecar_which_holds_its_app_call_to_i
 
 
 async def _has_records(process: SidecarProcess, count: int) -> bool:
-    return len(await audit_lines(process)) >= count
+    return len(audit_lines(process)) >= count

@@ -1,0 +1,26 @@
+"""The one way tests read a sidecar's audit log (it is appended in the background)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from deploy.process import SidecarProcess
+
+
+def audit_lines(process: SidecarProcess) -> list[dict[str, Any]]:
+    """The records written so far; none when the file does not exist yet."""
+    if not process.audit_path.exists():
+        return []
+    return [json.loads(line) for line in process.audit_path.read_text().splitlines()]
+
+
+async def wait_for_audit(process: SidecarProcess, count: int) -> list[dict[str, Any]]:
+    """The records, once there are at least `count` (within 10 s)."""
+    for _ in range(200):
+        lines = audit_lines(process)
+        if len(lines) >= count:
+            return lines
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{process.name} wrote fewer than {count} audit lines")
