@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -90,6 +92,7 @@ class Sidecar:
             "listeners": {name: f"{h}:{p}" for name, (h, p) in self.addresses().items()},
             "services": sorted(config.services),
             "policy_rules": len(config.inbound.policy or ()),
+            "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         })
 
     async def _listen(self, name: str, handler: listener.RawHandler,
@@ -297,4 +300,19 @@ def run_forever(config: Config) -> int:
     from sidecar.telemetry.logs import setup_logging
 
     setup_logging()
-    return asyncio.run(serve(config))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        return runner.run(serve(config))
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (a dependency on Linux), else asyncio's.
+
+    `SIDECAR_UVLOOP=0` keeps asyncio's own loop (for comparison or diagnosis).
+    """
+    if os.environ.get("SIDECAR_UVLOOP", "1") == "0":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
