@@ -43,6 +43,7 @@ import aiohttp
 from bench import report, tools, wrk
 from bench.contenders import ALL, Contender, Rig
 from bench.idle import IdleClients
+from deploy.process import SidecarProcess
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CPU_RATE = 1000  # req/s of the run whose CPU time the table shows
@@ -233,7 +234,7 @@ async def main(plan: Plan, upstream: str, keep: bool) -> int:
             bench.memory[key]["at_start"] = reading
         sink = await rig.sink_stats()
         audit = {p.name: p.audit_path.stat().st_size for p in rig.processes
-                 if hasattr(p, "audit_path") and p.audit_path.exists()}
+                 if isinstance(p, SidecarProcess) and p.audit_path.exists()}
         ok = True
     finally:
         await rig.stop()
