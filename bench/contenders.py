@@ -22,6 +22,7 @@ to the sink.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -109,6 +110,7 @@ class Rig:
         pair = cores() if pin else None
         self.system_pin: list[str] = ["taskset", "-c", str(pair[0])] if pair else []
         self.load_pin: list[str] = ["taskset", "-c", str(pair[1])] if pair else []
+        self.system_core = pair[0] if pair else None
         self.load_core = pair[1] if pair else None
         self.processes: list[Process] = []
         self.keyring = KeyRing(workdir).generate(["hop", "a", "b"])
@@ -211,6 +213,22 @@ class Rig:
         async with loopback_session() as session, session.get(self.sink_url + "/stats") as answer:
             stats: dict[str, int] = await answer.json()
             return stats
+
+    def others_on_system_core(self) -> dict[str, float] | None:
+        """Core time so far: busy, stolen, and used by the bench's own processes (seconds).
+
+        The difference of two readings, busy less ours, is what other work on
+        the machine took from the contenders' core meanwhile.
+        """
+        if self.system_core is None:
+            return None
+        ours = 0.0
+        for process in self.processes:
+            if process.running and process.proc is not None:
+                for pid in (process.proc.pid, *procstat.children(process.proc.pid)):
+                    with contextlib.suppress(OSError, ValueError):
+                        ours += procstat.cpu_seconds(pid)
+        return {**procstat.core_seconds(self.system_core), "ours": ours}
 
     async def stop(self) -> None:
         for process in reversed(self.processes):

@@ -50,3 +50,14 @@ def children(pid: int) -> list[int]:
         if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
             found.append(int(entry.name))
     return sorted(found)
+
+
+def core_seconds(core: int) -> dict[str, float]:
+    """Time core `core` spent busy (any process, kernel included) and stolen, in seconds."""
+    for line in (PROC / "stat").read_text().splitlines():
+        name, *values = line.split()
+        if name == f"cpu{core}":
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, values[:8])
+            return {"busy": (user + nice + system + irq + softirq) * TICK_S,
+                    "steal": steal * TICK_S}
+    raise ValueError(f"no cpu{core} in /proc/stat")

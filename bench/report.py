@@ -32,6 +32,8 @@ def summarise(runs: list[dict[str, Any]], memory: dict[str, dict[str, Any]],
             "max_rps": _median(w["rate"] for w in closed),
             "errors": sum(run["wrk"]["errors"] for run in mine),
             "rates": {},
+            "core_taken_by_others": _median(run["system_core"]["others"] for run in mine
+                                            if run.get("system_core")),
         }
         for rate in rates:
             paced = [run for run in mine if run["wrk"]["target_rate"] == rate]
@@ -105,7 +107,7 @@ def table(summary: dict[str, dict[str, Any]], rates: tuple[int, ...], cpu_rate: 
     head = ["contender", "max req/s", f"{TIMES} bare", f"{TIMES} nginx",
             *(f"p50 / p99 ms at {rate:,}/s" for rate in rates),
             f"CPU µs/req at {cpu_rate:,}/s", f"CPU {TIMES} bare", "peak RSS MiB",
-            "RSS MiB, 1k idle conns"]
+            "RSS MiB, 1k idle conns", "core 0 taken by others"]
     rows = [head, ["---"] * len(head)]
     for entry in summary.values():
         rows.append([
@@ -118,6 +120,8 @@ def table(summary: dict[str, dict[str, Any]], rates: tuple[int, ...], cpu_rate: 
             _ratio(entry.get("cpu_us_total"), bare.get("cpu_us_total")),
             _rss(entry, "peak_rss"),
             _rss(entry, "idle_rss"),
+            "—" if entry["core_taken_by_others"] is None
+            else f"{entry['core_taken_by_others']:.0%}",
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = []
@@ -127,6 +131,8 @@ def table(summary: dict[str, dict[str, Any]], rates: tuple[int, ...], cpu_rate: 
         else:
             lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
                          + " |")
+    others = _median(e["core_taken_by_others"] for e in summary.values()
+                     if e.get("core_taken_by_others") is not None)
     errors = {key: e["errors"] for key, e in summary.items() if e["errors"]}
     notes = [
         "Medians over the rounds. Latency is wrk's, from each request's send; a fixed rate "
@@ -134,6 +140,10 @@ def table(summary: dict[str, dict[str, Any]], rates: tuple[int, ...], cpu_rate: 
         "CPU is utime + stime of the proxy processes (every thread) over the fixed-rate run, "
         "divided by the requests answered; RSS is per process (A / B for the mesh).",
     ]
+    if others is not None:
+        notes.append(f"Other work on the machine took {others:.0%} of core 0, the contenders' "
+                     "core, during the fixed-rate runs (median; /proc/stat less the bench's own "
+                     "processes); the last column says it per contender.")
     if errors:
         notes.append("Requests that failed (non-2xx, timeouts, resets): "
                      + ", ".join(f"{key} {count}" for key, count in errors.items()))

@@ -149,15 +149,20 @@ class Bench:
         self.runs.append({"round": round_no, "contender": contender.key, "kind": "max",
                           "wrk": closed.as_json()})
         for rate in self.plan.rates:
+            core_before = self.rig.others_on_system_core()
             before = contender.cpu_seconds()
             paced = self.wrk(contender, self.plan.rate_s, rate=rate)
             after = contender.cpu_seconds()
+            core_after = self.rig.others_on_system_core()
             spent = {role: after[role] - before[role] for role in before}
             per_request = {role: round(seconds * 1e6 / max(paced.requests, 1), 1)
                            for role, seconds in spent.items()}
             self.runs.append({"round": round_no, "contender": contender.key, "kind": "rate",
                               "wrk": paced.as_json(), "cpu_s": spent,
-                              "cpu_us_per_request": per_request})
+                              "cpu_us_per_request": per_request,
+                              "system_core": _interference(core_before, core_after,
+                                                           paced.duration_s),
+                              "load_average": os.getloadavg()[0]})
         print(f"  {contender.key:<8} {closed.rate:8.0f} req/s closed loop, "
               f"p50 {paced.p50_ms:.2f} ms at {paced.rate:.0f}/s", flush=True)
 
@@ -197,6 +202,18 @@ class Bench:
             finally:
                 await clients.close()
             print(f"  {contender.key:<8} {opened} idle connections open", flush=True)
+
+
+def _interference(before: dict[str, float] | None, after: dict[str, float] | None,
+                  seconds: float) -> dict[str, float] | None:
+    """Shares of the contenders' core over a run: ours, other work's, stolen by the host."""
+    if before is None or after is None or seconds <= 0:
+        return None
+    ours = after["ours"] - before["ours"]
+    busy = after["busy"] - before["busy"]
+    return {"ours": round(ours / seconds, 3),
+            "others": round(min(max(busy - ours, 0.0), seconds) / seconds, 3),
+            "stolen": round((after["steal"] - before["steal"]) / seconds, 3)}
 
 
 def save(doc: dict[str, Any]) -> Path:
