@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test demo bench soak lint typecheck imports unit clean tools
+.PHONY: test demo bench profile soak lint typecheck imports unit clean tools
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,12 +40,14 @@ unit: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m deploy.demo
 
+# Both install wrk and nginx-light through apt when missing (as root; otherwise exit 2).
+# BENCH_QUICK=1: one short round of a subset. Results in bench/results/.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
-# Ten minutes of bounded load with faults (SOAK_MINUTES=2 for a shorter run); not a test.
-soak: $(STAMP)
-	$(BIN)/python -m bench.soak
+# py-spy on both sidecars of the mesh path under a fixed rate: flame graphs and top functions.
+profile: $(STAMP)
+	$(BIN)/python -m bench.profile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,11 +1,14 @@
 """The bench's app: every GET answers 200 with the same JSON body of 1 KiB.
 
 It does nothing else (no recording, no scripting), so that what the bench
-measures is the sidecars, not the app.
+measures is the sidecars, not the app. `serving()` runs it in the caller's
+loop; `python -m bench.upstream --port N` runs it as a process of its own,
+which the bench pins to a core.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -26,6 +29,12 @@ def _body() -> bytes:
 BODY = _body()
 
 
+def application() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    return app
+
+
 async def answer(request: web.Request) -> web.Response:
     return web.Response(body=BODY, content_type="application/json")
 
@@ -33,9 +42,7 @@ async def answer(request: web.Request) -> web.Response:
 @contextlib.asynccontextmanager
 async def serving() -> AsyncIterator[str]:
     """The app on a free port of 127.0.0.1 for the block; its base URL."""
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", answer)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    runner = web.AppRunner(application(), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -43,3 +50,14 @@ async def serving() -> AsyncIterator[str]:
         yield f"http://{host}:{port}"
     finally:
         await runner.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    web.run_app(application(), host="127.0.0.1", port=args.port, access_log=None, print=None)
+
+
+if __name__ == "__main__":
+    main()
