@@ -1,9 +1,10 @@
 """The audit log: one hash-chained JSON line per call decision, and its verifier.
 
 `record` is synchronous and cheap so a layer can call it on every request: it
-builds and hashes the record and queues the line. A background writer appends
-queued lines in batches from a worker thread, so the event loop never waits on
-the disk. `verify_file` is the core of `sidecar audit verify`.
+builds and hashes the record and queues the line. A background task appends
+queued lines in group commits (at most one write every COMMIT_INTERVAL), and
+a thread of its own `fsync`s them, so the event loop never waits on the disk.
+`verify_file` is the core of `sidecar audit verify`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import hashlib
 import json
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +83,7 @@ class AuditLog:
         self._wakeup = asyncio.Event()
         self._lock = asyncio.Lock()
         self._tasks = TaskGroup()
+        self._syncer = _Syncer()
 
     async def start(self) -> None:
         """Open the file and continue the chain from its last line."""
@@ -91,6 +95,7 @@ class AuditLog:
         self._prev_hash = _chain_head(last_line)
         self._lead = b"" if ends_cleanly else b"\n"
         self._started = True
+        self._syncer.start()
         self._tasks.start("audit-writer", self._run())
 
     def record(
@@ -155,6 +160,7 @@ class AuditLog:
         """Return once every line recorded before the call is on disk; raise OSError if not."""
         async with self._lock:
             await self._drain()
+        await asyncio.get_running_loop().run_in_executor(None, self._syncer.sync)
 
     async def reopen(self) -> None:
         """Close and open `path` again (SIGHUP), for log rotation.
@@ -176,6 +182,7 @@ class AuditLog:
             self._fd, last_line, ends_cleanly = _open(self.path)
             self._prev_hash = _chain_head(last_line)
             self._lead = b"" if ends_cleanly else b"\n"
+            self._syncer.retire(old)
             os.close(old)
 
     async def close(self) -> None:
@@ -200,7 +207,10 @@ class AuditLog:
             # No await since the queue was seen empty, so nothing is left behind.
             self._shut = True
             fd, self._fd = self._fd, None
-            await asyncio.get_running_loop().run_in_executor(None, os.close, fd)
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, self._syncer.retire, fd)
+            await loop.run_in_executor(None, self._syncer.stop)
+            os.close(fd)
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -223,32 +233,78 @@ class AuditLog:
                 self._wakeup.set()
 
     async def _drain(self) -> None:
-        """Write the queue in batches; the caller holds the lock."""
-        loop = asyncio.get_running_loop()
+        """Write the queue (the caller holds the lock); the syncer makes it durable.
+
+        A write of a batch to the page cache takes microseconds, so it is made
+        here, in order, as nginx writes its logs; only `fsync`, which waits on
+        the disk, runs on the syncer's own thread.
+        """
         while self._queue and self._fd is not None:
             batch, self._queue = self._queue, []
-            write = loop.run_in_executor(None, _write_all, self._fd, self._lead + b"".join(batch))
-            cancelled = False
             try:
-                await asyncio.shield(write)
-            except asyncio.CancelledError:
-                # The thread writes regardless: wait for it, so two writes never
-                # overlap and a batch is never written twice.
-                cancelled = True
-                await asyncio.wait([write])
-            except Exception:
-                pass  # judged below, from the future itself
-            error = write.exception()
-            if error is None:
-                self._lead = b""
-            else:
+                _write_all(self._fd, self._lead + b"".join(batch))
+            except OSError:
                 # Back in front, in order, so the retry keeps the chain intact.
                 self._queue[:0] = batch
-            if cancelled:
-                raise asyncio.CancelledError
-            if error is not None:
-                raise error
+                raise
+            self._lead = b""
+            self._syncer.due(self._fd)
 
+
+class _Syncer:
+    """`fsync`s the audit file from a thread of its own, at most every COMMIT_INTERVAL.
+
+    The event loop only sets an event; the thread waits on the disk, which
+    holds no lock the loop needs. `retire` makes a file durable once more
+    before it is closed (rotation, shutdown).
+    """
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._due = threading.Event()
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="audit-fsync", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def due(self, fd: int) -> None:
+        self._fd = fd
+        self._due.set()
+
+    def sync(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                _sync(self._fd)
+
+    def retire(self, fd: int) -> None:
+        with self._lock:
+            _sync(fd)
+            if self._fd == fd:
+                self._fd = None
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._due.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            if self._stopping:
+                return
+            self._due.clear()
+            self.sync()
+            time.sleep(COMMIT_INTERVAL)
+
+
+def _sync(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        log.error("audit fsync failed", extra={"error": type(exc).__name__})
 
 def _open(path: Path) -> tuple[int, str | None, bool]:
     """Open `path` for appending; return the fd, its last line, and whether it ends in a newline."""
@@ -296,14 +352,13 @@ def _chain_head(last_line: str | None) -> str:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    """Append `data` whole or not at all, then make it durable."""
+    """Append `data` whole or not at all (the syncer makes it durable)."""
     start = os.fstat(fd).st_size
     view = memoryview(data)
     try:
         while view:
             written = os.write(fd, view)
             view = view[written:]
-        os.fsync(fd)
     except OSError:
         # Cut any half-written batch so the retry does not leave a torn line.
         try:
@@ -317,6 +372,7 @@ def _append_once(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
     try:
         _write_all(fd, data)
+        _sync(fd)
     finally:
         os.close(fd)
 
