@@ -266,17 +266,25 @@ class Sidecar:
 
 
 def _outbound_headers(call: Call, reply: Reply, headers: CIMultiDict[str]) -> None:
+    # No upstream speaks for this sidecar: its x-sidecar-* never reach the app
+    # as they came. The reason is this sidecar's own, or a table code that a
+    # mesh target's sidecar sent (`reasons.relayed`), never free text.
+    _drop_sidecar_headers(headers)
     headers[ATTEMPTS] = str(call.attempts)
-    if reply.reason and REASON not in headers:
+    if reply.reason:
         headers[REASON] = reply.reason
 
 
 def _inbound_headers(call: Call, reply: Reply, headers: CIMultiDict[str]) -> None:
     # The app may not speak for the sidecar: only our own x-sidecar-* leave.
-    for name in [n for n in headers if n.lower().startswith(SIDECAR_PREFIX)]:
-        headers.popall(name)
+    _drop_sidecar_headers(headers)
     if reply.made_here and reply.reason:
         headers[REASON] = reply.reason
+
+
+def _drop_sidecar_headers(headers: CIMultiDict[str]) -> None:
+    for name in [n for n in headers if n.lower().startswith(SIDECAR_PREFIX)]:
+        headers.popall(name, None)  # some multidict versions list a repeated name twice
 
 
 async def serve(config: Config) -> int:

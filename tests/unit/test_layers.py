@@ -21,6 +21,7 @@ from sidecar.inbound.normalise import normalise_path
 from sidecar.inbound.policy import Policy, authorize
 from sidecar.outbound.routing import resolve, route
 from sidecar.paths import RouteTable
+from sidecar.reasons import relayed
 from sidecar.stack import (
     Body,
     BodyTooLarge,
@@ -225,6 +226,26 @@ async def test_audit_records_decision_with_templated_route(tmp_path: Path) -> No
     assert record["decision"] == "denied" and record["reason"] == "policy_denied"
     assert record["route"] == "/patients/{id}" and record["trace_id"] == "ab" * 16
     assert "078-05-1120" not in (tmp_path / "audit.jsonl").read_text()
+
+
+async def test_audit_reason_is_a_table_code_or_null(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl", clock=FakeClock())
+    await log.start()
+    layer = record_decision(log=log, clock=FakeClock())
+    for reason in ("MRN-998877 ssn 123-45-6789", "upstream_timeout"):
+        await layer(call("/x"), Next(Reply(status=503, headers=CIMultiDict(), reason=reason)))
+    await log.close()
+    text = (tmp_path / "audit.jsonl").read_text()
+    assert [json.loads(line)["reason"] for line in text.splitlines()] == [None,
+                                                                         "upstream_timeout"]
+    assert "MRN-998877" not in text
+
+
+def test_only_a_mesh_target_relays_and_only_table_codes() -> None:
+    assert relayed("policy_denied", mesh=True) == "policy_denied"
+    assert relayed("policy_denied", mesh=False) is None
+    assert relayed("MRN-998877 ssn 123-45-6789", mesh=True) is None
+    assert relayed(None, mesh=True) is None
 
 
 def test_trace_id_is_always_set() -> None:
