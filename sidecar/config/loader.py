@@ -371,8 +371,8 @@ class _Builder:
         )
 
     def outlier(self, raw: Any, path: str, base: s.OutlierPolicy) -> s.OutlierPolicy:
-        raw = self.mapping(raw, path,
-                           {"consecutive_failures", "base_ejection", "max_ejected_percent"})
+        raw = self.mapping(raw, path, {"consecutive_failures", "base_ejection",
+                                       "max_ejected_percent", "max_ejection"})
         return s.OutlierPolicy(
             consecutive_failures=self.read(raw, "consecutive_failures", path, _int(1),
                                            base.consecutive_failures),
@@ -380,6 +380,8 @@ class _Builder:
                                     base.base_ejection),
             max_ejected_percent=self.read(raw, "max_ejected_percent", path, _int(0, 100),
                                           base.max_ejected_percent),
+            max_ejection=self.read(raw, "max_ejection", path, _duration(positive=True),
+                                   base.max_ejection),
         )
 
     def health_check(self, raw: Any, path: str,
