@@ -119,6 +119,24 @@ class Sidecar:
             reasons.append("listeners not up")
         return reasons
 
+    def outbound_not_ready(self) -> list[str]:
+        """Why the app cannot call out through this sidecar yet (for `sidecar wait`).
+
+        Draining does not count: the outbound path serves the app until it exits.
+        """
+        reasons = []
+        if self.wiring is None:
+            reasons.append("config or keys not loaded")
+        held = self._listeners.get("outbound")
+        if held is None or held.address is None:
+            reasons.append("outbound listener not up")
+        return reasons
+
+    def shutdown(self) -> None:
+        """SIGTERM's drain, also for `POST /admin/shutdown`; started once."""
+        if not self.draining:
+            self.tasks.start("drain", self.drain())
+
     @property
     def session(self) -> aiohttp.ClientSession | None:
         return self.shared.session if self.shared is not None else None
@@ -291,10 +309,8 @@ async def serve(config: Config) -> int:
     sidecar = Sidecar(config)
     await sidecar.start()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM,
-                            lambda: sidecar.tasks.start("drain", sidecar.drain()))
-    loop.add_signal_handler(signal.SIGINT,
-                            lambda: sidecar.tasks.start("drain", sidecar.drain()))
+    loop.add_signal_handler(signal.SIGTERM, sidecar.shutdown)
+    loop.add_signal_handler(signal.SIGINT, sidecar.shutdown)
     loop.add_signal_handler(signal.SIGHUP, sidecar.reload)
     await sidecar.stopped.wait()
     log.info("stopped")
