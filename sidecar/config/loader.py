@@ -193,9 +193,9 @@ class _Builder:
         raw = self.mapping(raw, "listen", {"outbound", "inbound", "admin"})
         base = s.Listen()
         return s.Listen(
-            outbound=self.read(raw, "outbound", "listen", _address, base.outbound),
-            inbound=self.read(raw, "inbound", "listen", _address, base.inbound),
-            admin=self.read(raw, "admin", "listen", _address, base.admin),
+            outbound=self.read(raw, "outbound", "listen", parse_address, base.outbound),
+            inbound=self.read(raw, "inbound", "listen", parse_address, base.inbound),
+            admin=self.read(raw, "admin", "listen", parse_address, base.admin),
         )
 
     def identity(self, raw: Any) -> s.Identity:
@@ -587,7 +587,8 @@ def _non_empty_str(value: Any) -> str:
     return value
 
 
-def _address(value: Any) -> tuple[str, int]:
+def parse_address(value: Any) -> tuple[str, int]:
+    """`host:port` (an IP address or localhost) to `(host, port)`; ValueError if it is not."""
     if not isinstance(value, str) or ":" not in value:
         raise ValueError("must be host:port, such as 127.0.0.1:15001")
     host, _, port_text = value.rpartition(":")
