@@ -26,6 +26,8 @@ from aiohttp import web
 from deploy.process import SidecarProcess
 from sidecar.identity import keys
 from tests.integration.resilience_support import wait_until
+from tests.support.mesh import Mesh
+from tests.support.upstream import Upstream
 
 IN_FLIGHT = 200
 CHUNKS = 16  # a streamed answer: 16 chunks of 4 KiB, a few milliseconds apart
@@ -182,6 +184,16 @@ POLICY = [{"from": ["a"], "methods": ["GET"], "paths": ["/claims/*"]}]
 WIDER = [{"from": ["a"], "methods": ["GET"], "paths": ["/claims/*", "/notes/*"]}]
 
 
+async def policed_pair(make_mesh: Callable[..., Mesh], upstreams: Callable[..., Upstream]
+                       ) -> tuple[Mesh, SidecarProcess, SidecarProcess]:
+    """a calling b, whose policy lets a GET /claims/*; b's app echoes."""
+    mesh = make_mesh(["a", "b"])
+    app_b = await upstreams().start()
+    b = await mesh.sidecar("b", inbound={"app": app_b.url, "policy": POLICY}).start()
+    a = await mesh.sidecar("a", services={"b": {"endpoints": [b.inbound_url]}}).start()
+    return mesh, a, b
+
+
 def rotated_key(workdir: Path) -> tuple[Path, dict[str, Any]]:
     """A new key pair for a, in a folder of its own: (private key, public JWK)."""
     pem, jwks = keys.generate(service="a", out_dir=workdir / "rotated", algorithm="EdDSA")
@@ -210,12 +222,7 @@ def refused(process: SidecarProcess) -> bool:
 @pytest.mark.timeout(90)
 async def test_sighup_under_load_with_a_new_policy_and_a_rotated_key_fails_no_call(
         make_mesh, upstreams):
-    mesh = make_mesh(["a", "b"])
-    app_b = await upstreams().start()
-    b = mesh.sidecar("b", inbound={"app": app_b.url, "policy": POLICY})
-    await b.start()
-    a = mesh.sidecar("a", services={"b": {"endpoints": [b.inbound_url]}})
-    await a.start()
+    mesh, a, b = await policed_pair(make_mesh, upstreams)
     jwks = mesh.keyring.jwks_path
     old = json.loads(jwks.read_text())["keys"]
     new_pem, new_jwk = rotated_key(mesh.workdir)
@@ -260,12 +267,7 @@ async def test_sighup_under_load_with_a_new_policy_and_a_rotated_key_fails_no_ca
 
 @pytest.mark.timeout(60)
 async def test_sighup_with_an_invalid_config_under_load_keeps_the_old_one(make_mesh, upstreams):
-    mesh = make_mesh(["a", "b"])
-    app_b = await upstreams().start()
-    b = mesh.sidecar("b", inbound={"app": app_b.url, "policy": POLICY})
-    await b.start()
-    a = mesh.sidecar("a", services={"b": {"endpoints": [b.inbound_url]}})
-    await a.start()
+    mesh, a, b = await policed_pair(make_mesh, upstreams)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
         load = Load(a.outbound_url + "/b/claims").start(session)
         await load.until(100)
