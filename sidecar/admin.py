@@ -1,4 +1,4 @@
-"""The admin listener (loopback): health, readiness, metrics, state and config.
+"""The admin listener (loopback): health, readiness, metrics, state, config, shutdown.
 
 It sees the running sidecar only through `AdminView`, so it depends on no
 part of the process it describes.
@@ -6,6 +6,8 @@ part of the process it describes.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from typing import Any, Protocol
 
 import aiohttp
@@ -13,6 +15,8 @@ from aiohttp import web
 
 from sidecar.config.loader import redacted
 from sidecar.config.settings import Config
+
+log = logging.getLogger("sidecar")
 
 
 class AdminView(Protocol):
@@ -25,6 +29,11 @@ class AdminView(Protocol):
     def session(self) -> aiohttp.ClientSession | None: ...
 
     def not_ready(self) -> list[str]: ...
+
+    def outbound_not_ready(self) -> list[str]: ...
+
+    def shutdown(self) -> None:
+        """Start the drain SIGTERM starts (once; a second call changes nothing)."""
 
     def service_state(self) -> dict[str, Any]: ...
 
@@ -43,6 +52,24 @@ def admin_app(view: AdminView) -> web.Application:
             return web.json_response({"ready": False, "reasons": reasons}, status=503)
         return web.json_response({"ready": True})
 
+    async def readyz_outbound(request: web.Request) -> web.Response:
+        # For the app's entrypoint (`sidecar wait`): the app's own health is
+        # not asked, since the app is what waits for this.
+        reasons = view.outbound_not_ready()
+        if reasons:
+            return web.json_response({"ready": False, "reasons": reasons}, status=503)
+        return web.json_response({"ready": True})
+
+    async def shutdown(request: web.Request) -> web.Response:
+        # Istio's /quitquitquit, for a batch job done with its sidecar. Even
+        # when the admin port is bound wider, only a process beside it may stop it.
+        if not _is_loopback(request.remote):
+            return web.json_response(
+                {"error": "POST /admin/shutdown is taken from loopback only"}, status=403)
+        log.info("shutdown asked on the admin port")
+        view.shutdown()
+        return web.json_response({"draining": True}, status=202)
+
     async def services(request: web.Request) -> web.Response:
         return web.json_response({"services": view.service_state()})
 
@@ -57,10 +84,19 @@ def admin_app(view: AdminView) -> web.Application:
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/readyz/outbound", readyz_outbound)
+    app.router.add_post("/admin/shutdown", shutdown)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/services", services)
     app.router.add_get("/admin/config", config)
     return app
+
+
+def _is_loopback(remote: str | None) -> bool:
+    try:
+        return remote is not None and ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
 
 
 async def readiness(view: AdminView) -> list[str]:

@@ -10,8 +10,11 @@ from pathlib import Path
 
 from sidecar import names
 from sidecar.config import loader as config_loader
-from sidecar.config.settings import Identity
+from sidecar.config.settings import Identity, Listen
+from sidecar.config.units import parse_duration
 from sidecar.identity import keys
+
+WAIT_TIMEOUT = "60s"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -23,6 +26,19 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a config")
     check.add_argument("-c", "--config", help="config file (or SIDECAR_CONFIG)")
+
+    admin_host, admin_port = Listen().admin
+    wait = commands.add_parser(
+        "wait", help="exit 0 once this sidecar's outbound path is ready (for an app's entrypoint)",
+        description="Polls the admin port's /readyz/outbound. The admin address comes from "
+                    "--admin, else the config (-c or SIDECAR_CONFIG), else "
+                    f"{admin_host}:{admin_port}. After `--`, a command to exec once ready.")
+    wait.add_argument("-c", "--config", help="config file (or SIDECAR_CONFIG)")
+    wait.add_argument("--admin", metavar="HOST:PORT", help="the sidecar's admin address")
+    wait.add_argument("--timeout", default=WAIT_TIMEOUT,
+                      help=f"how long to wait, with a unit (default {WAIT_TIMEOUT})")
+    wait.add_argument("exec_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                      help="run in place of `sidecar wait` once ready")
 
     keygen = commands.add_parser("keygen", help="make a service's key pair")
     keygen.add_argument("--service", required=True)
@@ -46,8 +62,53 @@ def _config_path(value: str | None) -> str | None:
     return value or os.environ.get("SIDECAR_CONFIG")
 
 
+def _wait(args: argparse.Namespace) -> int:
+    """`sidecar wait`: 0 once ready (or the command's exec), 1 if not in time, 2 on bad usage."""
+    try:
+        within = parse_duration(args.timeout)
+    except ValueError as exc:
+        print(f"sidecar wait: --timeout {exc}", file=sys.stderr)
+        return 2
+    command = args.exec_command
+    if command[:1] == ["--"]:
+        command = command[1:]
+    path = _config_path(args.config)
+    if args.admin:
+        try:
+            admin = config_loader.parse_address(args.admin)
+        except ValueError as exc:
+            print(f"sidecar wait: --admin {exc}", file=sys.stderr)
+            return 2
+    elif path:
+        try:
+            admin = config_loader.load(path).listen.admin
+        except config_loader.ConfigError as exc:
+            for line in exc.errors:
+                print(line, file=sys.stderr)
+            return 2
+    else:
+        admin = Listen().admin
+    import asyncio
+
+    from sidecar.waiter import wait_ready
+
+    ready, why = asyncio.run(wait_ready(admin, within=within))
+    if not ready:
+        print(f"sidecar wait: {why}", file=sys.stderr)
+        return 1
+    if command:
+        try:
+            os.execvp(command[0], command)
+        except OSError as exc:
+            print(f"sidecar wait: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+            return 127
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "wait":
+        return _wait(args)
     if args.command in ("run", "check"):
         path = _config_path(args.config)
         if not path:

@@ -65,6 +65,16 @@ def known(code: str | None) -> str | None:
     return code if code in REASONS else None
 
 
+def relayed(code: str | None, *, mesh: bool) -> str | None:
+    """The reason an upstream's `x-sidecar-reason` may pass on as, or None.
+
+    Only a mesh target has a sidecar that speaks for it: an app (inbound) or a
+    `mesh: false` service may write any text there, and even a mesh endpoint
+    is taken at its word for a code of the table only, never for free text.
+    """
+    return known(code) if mesh else None
+
+
 def is_denial(code: str | None) -> bool:
     row = REASONS.get(code or "")
     return row is not None and row.denial

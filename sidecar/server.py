@@ -122,6 +122,24 @@ class Sidecar:
             reasons.append("listeners not up")
         return reasons
 
+    def outbound_not_ready(self) -> list[str]:
+        """Why the app cannot call out through this sidecar yet (for `sidecar wait`).
+
+        Draining does not count: the outbound path serves the app until it exits.
+        """
+        reasons = []
+        if self.wiring is None:
+            reasons.append("config or keys not loaded")
+        held = self._listeners.get("outbound")
+        if held is None or held.address is None:
+            reasons.append("outbound listener not up")
+        return reasons
+
+    def shutdown(self) -> None:
+        """SIGTERM's drain, also for `POST /admin/shutdown`; started once."""
+        if not self.draining:
+            self.tasks.start("drain", self.drain())
+
     @property
     def session(self) -> aiohttp.ClientSession | None:
         return self.shared.session if self.shared is not None else None
@@ -269,27 +287,33 @@ class Sidecar:
 
 
 def _outbound_headers(call: Call, reply: Reply, headers: CIMultiDict[str]) -> None:
+    # No upstream speaks for this sidecar: its x-sidecar-* never reach the app
+    # as they came. The reason is this sidecar's own, or a table code that a
+    # mesh target's sidecar sent (`reasons.relayed`), never free text.
+    _drop_sidecar_headers(headers)
     headers[ATTEMPTS] = str(call.attempts)
-    if reply.reason and REASON not in headers:
+    if reply.reason:
         headers[REASON] = reply.reason
 
 
 def _inbound_headers(call: Call, reply: Reply, headers: CIMultiDict[str]) -> None:
     # The app may not speak for the sidecar: only our own x-sidecar-* leave.
-    for name in [n for n in headers if n.lower().startswith(SIDECAR_PREFIX)]:
-        headers.popall(name)
+    _drop_sidecar_headers(headers)
     if reply.made_here and reply.reason:
         headers[REASON] = reply.reason
+
+
+def _drop_sidecar_headers(headers: CIMultiDict[str]) -> None:
+    for name in [n for n in headers if n.lower().startswith(SIDECAR_PREFIX)]:
+        headers.popall(name, None)  # some multidict versions list a repeated name twice
 
 
 async def serve(config: Config) -> int:
     sidecar = Sidecar(config)
     await sidecar.start()
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM,
-                            lambda: sidecar.tasks.start("drain", sidecar.drain()))
-    loop.add_signal_handler(signal.SIGINT,
-                            lambda: sidecar.tasks.start("drain", sidecar.drain()))
+    loop.add_signal_handler(signal.SIGTERM, sidecar.shutdown)
+    loop.add_signal_handler(signal.SIGINT, sidecar.shutdown)
     loop.add_signal_handler(signal.SIGHUP, sidecar.reload)
     await sidecar.stopped.wait()
     log.info("stopped")

@@ -44,7 +44,8 @@ def write_record(log: AuditLog, call: Call, reply: Reply, *, clock: Clock = SYST
         route=call.route,
         status=reply.status,
         decision="denied" if denied else "allowed",
-        reason=reply.reason,
+        # A code of the table or null: a reason is never free text from outside.
+        reason=reasons.known(reply.reason),
         duration_ms=(clock.monotonic() - call.started) * 1000,
         attempts=call.attempts,
         trace_id=trace_id(call),

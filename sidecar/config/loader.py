@@ -193,9 +193,9 @@ class _Builder:
         raw = self.mapping(raw, "listen", {"outbound", "inbound", "admin"})
         base = s.Listen()
         return s.Listen(
-            outbound=self.read(raw, "outbound", "listen", _address, base.outbound),
-            inbound=self.read(raw, "inbound", "listen", _address, base.inbound),
-            admin=self.read(raw, "admin", "listen", _address, base.admin),
+            outbound=self.read(raw, "outbound", "listen", parse_address, base.outbound),
+            inbound=self.read(raw, "inbound", "listen", parse_address, base.inbound),
+            admin=self.read(raw, "admin", "listen", parse_address, base.admin),
         )
 
     def identity(self, raw: Any) -> s.Identity:
@@ -371,8 +371,8 @@ class _Builder:
         )
 
     def outlier(self, raw: Any, path: str, base: s.OutlierPolicy) -> s.OutlierPolicy:
-        raw = self.mapping(raw, path,
-                           {"consecutive_failures", "base_ejection", "max_ejected_percent"})
+        raw = self.mapping(raw, path, {"consecutive_failures", "base_ejection",
+                                       "max_ejected_percent", "max_ejection"})
         return s.OutlierPolicy(
             consecutive_failures=self.read(raw, "consecutive_failures", path, _int(1),
                                            base.consecutive_failures),
@@ -380,6 +380,8 @@ class _Builder:
                                     base.base_ejection),
             max_ejected_percent=self.read(raw, "max_ejected_percent", path, _int(0, 100),
                                           base.max_ejected_percent),
+            max_ejection=self.read(raw, "max_ejection", path, _duration(positive=True),
+                                   base.max_ejection),
         )
 
     def health_check(self, raw: Any, path: str,
@@ -585,7 +587,8 @@ def _non_empty_str(value: Any) -> str:
     return value
 
 
-def _address(value: Any) -> tuple[str, int]:
+def parse_address(value: Any) -> tuple[str, int]:
+    """`host:port` (an IP address or localhost) to `(host, port)`; ValueError if it is not."""
     if not isinstance(value, str) or ":" not in value:
         raise ValueError("must be host:port, such as 127.0.0.1:15001")
     host, _, port_text = value.rpartition(":")

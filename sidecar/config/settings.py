@@ -96,6 +96,9 @@ class OutlierPolicy:
     consecutive_failures: int = 5
     base_ejection: float = 30.0
     max_ejected_percent: int = 50
+    # Not in SPEC: Envoy's max_ejection_time. An ejection lasts at most this
+    # long (or base_ejection, whichever is longer), however often it recurs.
+    max_ejection: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from sidecar import reasons
 from sidecar.http import listener, websocket
 from sidecar.http.headers import REASON
 from sidecar.stack import Call, Handler, Reply, RequestBodyError, UpstreamError
@@ -90,11 +91,13 @@ async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
             raise body_error from exc
         raise UpstreamError("reset", sent=True) from exc
     reply_headers: CIMultiDict[str] = CIMultiDict(response.headers)
+    mesh = call.upstream is not None and call.upstream.mesh
     return Reply(
         status=response.status,
         headers=reply_headers,
         body=_stream(response),
-        reason=reply_headers.get(REASON),
+        # Only a far sidecar's own code of the table passes on (never the app's text).
+        reason=reasons.relayed(reply_headers.get(REASON), mesh=mesh),
         release=response.release,
     )
 

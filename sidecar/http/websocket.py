@@ -18,7 +18,7 @@ from yarl import URL
 
 from sidecar.http import problem
 from sidecar.http.headers import REASON, forwardable
-from sidecar.reasons import REASONS
+from sidecar.reasons import REASONS, relayed
 from sidecar.stack import Call, Reply
 
 WEBSOCKET = "websocket"
@@ -49,7 +49,8 @@ async def connect(session: aiohttp.ClientSession, call: Call, base_url: str, *,
         # reason included. Its body is gone with the handshake, so a problem
         # body is rebuilt from the reason when there is one.
         headers = CIMultiDict(exc.headers or {})
-        reason = headers.get(REASON)
+        mesh = call.upstream is not None and call.upstream.mesh
+        reason = relayed(headers.get(REASON), mesh=mesh)
         status = exc.status or 502
         known = REASONS.get(reason or "")
         if known is not None and known.status == status:

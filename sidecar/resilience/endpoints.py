@@ -3,10 +3,13 @@
 Balancing is least-in-flight of two random choices: nearly as good as
 scanning every endpoint, without herding every caller onto the same one.
 Outlier detection ejects an endpoint after `consecutive_failures` failures
-for `base_ejection` times the number of its ejections; at most
-`max_ejected_percent` of a service's endpoints (rounded down) are out at
-once, and a service's only endpoint is never ejected (its breaker covers
-that). Optional active health checks mark endpoints healthy or unhealthy.
+for `base_ejection` times the number of its ejections, but never longer than
+`max_ejection` (Envoy's `max_ejection_time`; `base_ejection` if that is
+longer, as in Envoy), so an endpoint that failed often is still tried again
+within minutes. At most `max_ejected_percent` of a service's endpoints
+(rounded down) are out at once, and a service's only endpoint is never
+ejected (its breaker covers that). Optional active health checks mark
+endpoints healthy or unhealthy.
 
 Name resolution is not done here: the transport's aiohttp connector caches
 DNS answers only briefly (`ttl_dns_cache`), so a changed address is picked up
@@ -142,7 +145,9 @@ class Endpoints:
 
     def _eject(self, endpoint: Endpoint) -> None:
         endpoint.ejections += 1
-        seconds = self.outlier.base_ejection * endpoint.ejections
+        outlier = self.outlier
+        cap = max(outlier.max_ejection, outlier.base_ejection)
+        seconds = min(outlier.base_ejection * endpoint.ejections, cap)
         endpoint.ejected_until = self.clock.monotonic() + seconds
         endpoint.consecutive_failures = 0
         if self._on_eject is not None:

@@ -20,6 +20,7 @@ import yaml
 
 from deploy.apps.common import settings_from
 from deploy.topology import ALLOWED, APPS, CLIENT_MODULE, DENIED, EDGE, SERVICES, callees
+from sidecar import cli
 from sidecar.config import loader as config_loader
 from sidecar.inbound.policy import Policy
 from tests.deploy import (
@@ -176,6 +177,20 @@ def test_apps_bind_loopback_and_call_through_their_sidecar(services: dict[str, A
     settings = settings_from(environment(edge), [])
     for target in callees(EDGE):
         assert settings.url_for(target) == f"http://127.0.0.1:15001/{target}"
+
+
+def test_apps_start_once_their_sidecar_can_take_their_calls(services: dict[str, Any]) -> None:
+    # The sidecar joins the app's namespace, so it starts after the app's
+    # container: the app's entrypoint waits for the sidecar's outbound path.
+    for name, module in APPS.items():
+        line = command_line(services[name])
+        assert line[:3] == ["sidecar", "wait", "--admin"], name
+        sidecar = yaml.safe_load(config_file(services[f"{name}-sidecar"]).read_text("utf-8"))
+        assert line[3] == sidecar["listen"]["admin"], name
+        assert line[line.index("--") + 1:] == ["python", "-m", module], name
+        # ... and is a `sidecar wait` the command line accepts.
+        args = cli._parser().parse_args(line[1:])
+        assert (args.command, args.admin) == ("wait", sidecar["listen"]["admin"])
 
 
 def test_nothing_but_jaeger_is_published(services: dict[str, Any]) -> None:

@@ -105,8 +105,9 @@ def test_each_service_runs_with_a_native_sidecar() -> None:
         assert sidecar["restartPolicy"] == "Always"
         assert sidecar["image"].startswith(SIDECAR_IMAGE)
         assert probes_admin(sidecar["readinessProbe"], "/readyz"), name
-        # A startup probe on /readyz would wait for the app, which only starts after it.
-        assert probes_admin(sidecar["startupProbe"], "/healthz"), name
+        # The app starts once the startup probe passes: it waits for the outbound
+        # path (/readyz would wait for the app, which only starts after it).
+        assert probes_admin(sidecar["startupProbe"], "/readyz/outbound"), name
         assert probes_admin(sidecar["livenessProbe"], "/healthz"), name
         assert sidecar["securityContext"]["allowPrivilegeEscalation"] is False
 

@@ -12,6 +12,7 @@ from multidict import CIMultiDict
 from sidecar.audit.layer import record_decision, trace_id
 from sidecar.audit.log import AuditLog
 from sidecar.clock import FakeClock
+from sidecar.reasons import relayed
 from sidecar.stack import Call, Reply
 from tests.support.calls import Next, make_call
 
@@ -53,3 +54,23 @@ async def test_audit_records_a_call_whose_caller_went_away(tmp_path: Path) -> No
     await log.close()
     record = json.loads((tmp_path / "audit.jsonl").read_text())
     assert record["status"] == 499 and record["direction"] == "inbound"
+
+
+async def test_audit_reason_is_a_table_code_or_null(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl", clock=FakeClock())
+    await log.start()
+    layer = record_decision(log=log, clock=FakeClock())
+    for reason in ("MRN-998877 ssn 123-45-6789", "upstream_timeout"):
+        await layer(make_call("/x"), Next(Reply(status=503, headers=CIMultiDict(), reason=reason)))
+    await log.close()
+    text = (tmp_path / "audit.jsonl").read_text()
+    assert [json.loads(line)["reason"] for line in text.splitlines()] == [None,
+                                                                         "upstream_timeout"]
+    assert "MRN-998877" not in text
+
+
+def test_only_a_mesh_target_relays_and_only_table_codes() -> None:
+    assert relayed("policy_denied", mesh=True) == "policy_denied"
+    assert relayed("policy_denied", mesh=False) is None
+    assert relayed("MRN-998877 ssn 123-45-6789", mesh=True) is None
+    assert relayed(None, mesh=True) is None

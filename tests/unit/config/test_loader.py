@@ -110,6 +110,19 @@ def test_spec_example_loads_into_the_typed_tree(tmp_path: Path, key_dir: Path) -
     assert compliance.policy.retry.attempts == 3  # inherited from defaults
     assert cfg.services["payer-gateway"].mesh is False
     assert cfg.services["insurance-verification"].routes == ("/patients/{id}/coverage",)
+    assert cfg.defaults.outlier_detection.max_ejection == 300.0  # Envoy's default
+
+
+def test_max_ejection_is_a_positive_duration(tmp_path: Path, key_dir: Path) -> None:
+    doc = yaml.safe_load(SPEC_EXAMPLE.replace("KEYS", str(key_dir)))
+    doc["defaults"]["outlier_detection"]["max_ejection"] = "2m"
+    cfg = config.parse(doc)
+    assert cfg.services["compliance-monitor"].policy.outlier_detection.max_ejection == 120.0
+    doc["services"]["compliance-monitor"]["outlier_detection"] = {"max_ejection": "0s"}
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse(doc)
+    assert caught.value.errors[0].startswith(
+        "services.compliance-monitor.outlier_detection.max_ejection:")
 
 
 def test_service_overrides_any_part_of_defaults(tmp_path: Path, key_dir: Path) -> None:

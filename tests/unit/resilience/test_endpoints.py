@@ -114,6 +114,32 @@ def test_ejection_grows_with_each_ejection() -> None:
     assert seen[0][:2] == ("billing", bad.url)
 
 
+def test_ejection_time_is_capped_at_max_ejection() -> None:
+    clock = FakeClock()
+    seen: list[float] = []
+    outlier = OutlierPolicy(consecutive_failures=1, base_ejection=30, max_ejection=100)
+    endpoints = make(2, outlier, clock=clock, on_eject=lambda *e: seen.append(e[2]))
+    bad = endpoints.endpoints[0]
+    for _ in range(6):
+        fail(endpoints, 0, 1)
+        clock.advance(seen[-1] - 0.1)
+        assert bad.ejected
+        clock.advance(0.1)
+        assert not bad.ejected
+    assert seen == [30, 60, 90, 100, 100, 100]
+
+
+def test_max_ejection_shorter_than_base_ejection_leaves_base_ejection() -> None:
+    clock = FakeClock()
+    seen: list[float] = []
+    outlier = OutlierPolicy(consecutive_failures=1, base_ejection=600, max_ejection=300)
+    endpoints = make(2, outlier, clock=clock, on_eject=lambda *e: seen.append(e[2]))
+    for _ in range(2):
+        fail(endpoints, 0, 1)
+        clock.advance(seen[-1])
+    assert seen == [600, 600]  # as Envoy: the longer of the two is the cap
+
+
 def test_failures_while_ejected_are_ignored() -> None:
     clock = FakeClock()
     endpoints = make(2, clock=clock)
