@@ -33,6 +33,7 @@ FIELDS = frozenset(
         "listener",
         "address",
         "policy_rules",
+        "event_loop",
         "config_file",
         "key_path",
         "problem",
