@@ -72,6 +72,16 @@ def test_host_header_then_first_segment() -> None:
     assert found is None
 
 
+@pytest.mark.parametrize("authority", ["billing:80@elsewhere", "user@billing",
+                                       "billing@127.0.0.1", "user:pass@billing:80"])
+def test_an_authority_with_userinfo_names_no_service(authority: str) -> None:
+    table = targets("billing")
+    found, _ = resolve(call("/claims", host="other", absolute_host=authority), table, LOCAL)
+    assert found is None
+    found, _ = resolve(call("/billing/claims", host=authority), table, LOCAL)
+    assert found is None
+
+
 async def test_route_layer_answers_no_route_without_calling_next() -> None:
     downstream = Next()
     layer = route(targets=targets("billing"), local_hosts=LOCAL)
