@@ -18,16 +18,25 @@ EXCHANGE_WITHIN = 20.0  # seconds an answer may take before the test fails
 
 @dataclass
 class Canary:
-    """A loopback listener that counts connections and answers none of them."""
+    """A loopback listener that counts connections and answers none of them.
+
+    It listens on 127.0.0.1 and, where the machine has IPv6, on the same port
+    of ::1, so a dial of `[::1]:port` is counted too.
+    """
 
     host: str = "127.0.0.1"
     connections: int = 0
     port: int = 0
-    _server: asyncio.Server | None = field(default=None, repr=False)
+    _servers: list[asyncio.Server] = field(default_factory=list, repr=False)
 
     async def start(self) -> Canary:
-        self._server = await asyncio.start_server(self._accept, self.host, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        server = await asyncio.start_server(self._accept, self.host, 0)
+        self._servers.append(server)
+        self.port = server.sockets[0].getsockname()[1]
+        try:
+            self._servers.append(await asyncio.start_server(self._accept, "::1", self.port))
+        except OSError:
+            pass  # no IPv6 loopback here (or the port is taken there): IPv4 alone
         return self
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -39,10 +48,10 @@ class Canary:
         return f"http://{self.host}:{self.port}"
 
     async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        for server in self._servers:
+            server.close()
+            await server.wait_closed()
+        self._servers.clear()
 
 
 @dataclass(frozen=True)
