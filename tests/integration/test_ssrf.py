@@ -15,9 +15,6 @@ upstream is outside the mesh or behind a far sidecar.
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -27,13 +24,12 @@ import pytest_asyncio
 from aiohttp import web
 
 from deploy.process import SidecarProcess
-from tests.support.hostile import Canary, exchange, request
+from tests.support.hostile import Canary, audit_record_after, audit_records, exchange, request
 from tests.support.mesh import Mesh
 from tests.support.upstream import Upstream
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
-AUDIT_WITHIN = 10.0  # seconds for an audit record to appear
 # `{port}` is the canary's: were anything dialled, it would be counted there.
 LOOPBACK_SPELLINGS = [
     "127.0.0.1:{port}", "2130706433:{port}", "0x7f000001:{port}", "0x7f.0.0.1:{port}",
@@ -94,20 +90,10 @@ class Site:
     canary: Canary
 
     def audit(self) -> list[dict[str, Any]]:
-        path = self.a.audit_path
-        if not path.exists():
-            return []
-        # Only whole lines: the last one may be half written as we read.
-        return [json.loads(line) for line in path.read_text().split("\n")[:-1]]
+        return audit_records(self.a.audit_path)
 
     async def audited_after(self, count: int) -> dict[str, Any]:
-        ends = time.monotonic() + AUDIT_WITHIN
-        while time.monotonic() < ends:
-            records = self.audit()
-            if len(records) > count:
-                return records[count]
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no audit record after the first {count}")
+        return await audit_record_after(self.a.audit_path, count)
 
     def received(self) -> int:
         return len(self.outside.seen) + len(self.app_b.seen)

@@ -13,7 +13,6 @@ sidecar's 30 s `clock_skew`.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
@@ -22,7 +21,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -32,7 +30,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from deploy.process import SidecarProcess
 from sidecar.identity.keys import load_private_key, public_jwk
-from tests.support.hostile import Answer, Canary, exchange, request
+from tests.support.hostile import (
+    Answer,
+    Canary,
+    audit_record_after,
+    audit_records,
+    exchange,
+    request,
+)
 from tests.support.mesh import Mesh
 from tests.support.upstream import Upstream
 
@@ -41,7 +46,6 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 CALLER, TARGET, OTHER = "kiosk", "b", "other"
 SKEW, MAX_TTL = 30, 300
 TOKEN = b"x-service-token"
-AUDIT_WITHIN = 10.0  # seconds for an audit record to appear
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -283,21 +287,10 @@ class Corpus:
     forge: Forge
 
     def audit(self) -> list[dict[str, Any]]:
-        path: Path = self.sidecar.audit_path
-        if not path.exists():
-            return []
-        # Only whole lines: the last one may be half written as we read.
-        return [json.loads(line) for line in path.read_text().split("\n")[:-1]]
+        return audit_records(self.sidecar.audit_path)
 
     async def audited_after(self, count: int) -> dict[str, Any]:
-        """The first audit record after the first `count`, once it is written."""
-        ends = time.monotonic() + AUDIT_WITHIN
-        while time.monotonic() < ends:
-            records = self.audit()
-            if len(records) > count:
-                return records[count]
-            await asyncio.sleep(0.02)
-        raise AssertionError(f"no audit record after the first {count}")
+        return await audit_record_after(self.sidecar.audit_path, count)
 
     async def send(self, headers: Headers, target: bytes = b"/claims/1") -> Answer:
         return await exchange(self.sidecar.inbound, request(target, headers))

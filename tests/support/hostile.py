@@ -3,17 +3,21 @@
 The canary listens on loopback and counts every connection made to it: a test
 points URLs, hosts or key locations at it and proves that nothing dialled.
 `exchange` sends request bytes exactly as given (duplicate headers, non-UTF-8
-values, any target form) and reads the whole answer.
+values, any target form) and reads the whole answer. `audit_record_after`
+reads a sidecar's audit log as it grows, one case after another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 EXCHANGE_WITHIN = 20.0  # seconds an answer may take before the test fails
+AUDIT_WITHIN = 10.0  # seconds for an audit record to appear
 
 
 @dataclass
@@ -95,3 +99,21 @@ async def exchange(port: int, data: bytes) -> Answer:
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
     return Answer(status=int(status_line.split()[1]), headers=headers, body=body)
+
+
+def audit_records(path: Path) -> list[dict[str, Any]]:
+    """The audit log's whole lines (the last one may be half written as we read)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1]]
+
+
+async def audit_record_after(path: Path, count: int) -> dict[str, Any]:
+    """The first audit record after the first `count`, once it is written."""
+    ends = time.monotonic() + AUDIT_WITHIN
+    while time.monotonic() < ends:
+        records = audit_records(path)
+        if len(records) > count:
+            return records[count]
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no audit record after the first {count} in {path}")
