@@ -17,6 +17,8 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 # else that arrives raw is percent-encoded so one path has one spelling.
 _RAW_ALLOWED = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
 _SLASHES = frozenset((0x2F, 0x5C))
+# Where a segment's path parameters begin, raw or (after `_decode`) as `%3B`.
+_PARAMETERS = re.compile(r";|%3B")
 
 # SPEC: a segment that may be an identifier becomes `{id}`; only these are kept.
 _SAFE_SEGMENT = re.compile(r"[a-z][a-z_-]{0,30}[0-9]?")
@@ -74,8 +76,9 @@ def normalise(raw_path: str) -> str:
     """Return the one spelling of `raw_path` (no query) that policy and app both see.
 
     Raises BadPath for a path that does not start with `/`, a `..` above the
-    root, an encoded slash or backslash, a raw backslash, a control character
-    (raw or encoded) or a malformed percent-escape.
+    root, a dot segment with path parameters (`..;x`, `.;`, `.%3B`), an
+    encoded slash or backslash, a raw backslash, a control character (raw or
+    encoded) or a malformed percent-escape.
     """
     if not raw_path.startswith("/"):
         raise BadPath("path must start with /")
@@ -84,6 +87,8 @@ def normalise(raw_path: str) -> str:
     kept: list[str] = []
     trailing = False
     for segment in segments:
+        if _is_dot_with_parameters(segment):
+            raise BadPath("dot segment with path parameters")
         # A dot segment at the end leaves a directory behind it (RFC 3986 5.2.4).
         trailing = segment in ("", ".", "..")
         if segment == "..":
@@ -95,6 +100,18 @@ def normalise(raw_path: str) -> str:
     if not kept:
         return "/"
     return "/" + "/".join(kept) + ("/" if trailing else "")
+
+
+def _is_dot_with_parameters(segment: str) -> bool:
+    """`..;x`, `.;`, `..%3B`: a dot segment once a server strips its parameters.
+
+    Tomcat and Spring cut `;...` off each segment before resolving dots, so
+    `/claims/..;/admin` is `/admin` to them but not to RFC 3986: one path,
+    two meanings, refused. `segment` is decoded already, so `%2e` is `.` and
+    `;` may still stand as `%3B`.
+    """
+    head = _PARAMETERS.split(segment, 1)[0]
+    return head in (".", "..") and head != segment
 
 
 def matches(pattern: str, path: str) -> bool:

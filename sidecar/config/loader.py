@@ -8,6 +8,7 @@ a typo must never silently turn a protection off.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -26,6 +27,10 @@ T = TypeVar("T")
 
 _VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _WHOLE_VAR = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
+# PyYAML fails in more ways than YAMLError: `2001-02-30` is a ValueError, a
+# bad `!!timestamp` an AttributeError, 5000 digits a ValueError, deep nesting
+# a RecursionError. Each is a config that is not valid YAML.
+_YAML_FAILURES = (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError)
 RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "per-try-timeout"})
 SERVICE_KEYS = frozenset({"endpoints", "routes", "mesh"})
 
@@ -55,7 +60,7 @@ def load(path: str | Path, *, environ: Mapping[str, str] | None = None) -> s.Con
         raise ConfigError([f"(file): cannot read {file}: {exc.strerror or exc}"]) from None
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except _YAML_FAILURES as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError([f"(file): not valid YAML{where}"]) from None
@@ -72,7 +77,11 @@ def parse(
     """Build the config tree from a parsed mapping."""
     errors = _Errors()
     env = os.environ if environ is None else environ
-    raw = _substitute(raw, "", env, errors)
+    try:
+        raw = _substitute(raw, "", env, errors)
+    except RecursionError:
+        # YAML aliases can make a list that holds itself (`&a [*a]`).
+        raise ConfigError(["(top): the config nests too deeply or refers to itself"]) from None
     if errors.items:
         # A missing variable would also fail the value's own check: report the cause only.
         raise ConfigError(errors.items)
@@ -112,7 +121,7 @@ def _substitute(value: Any, path: str, env: Mapping[str, str], errors: _Errors) 
 def _scalar(text: str) -> Any:
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except _YAML_FAILURES:
         return text
 
 
@@ -558,6 +567,9 @@ def _number(minimum: float, maximum: float | None = None) -> Callable[[Any], flo
     def read(value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError("must be a number")
+        # Before the comparisons, which NaN would pass, and before float(), which 10**400 fails.
+        if (isinstance(value, float) and not math.isfinite(value)) or abs(value) > 1e15:
+            raise ValueError("must be a finite number of at most 1e15")
         if value < minimum or (maximum is not None and value > maximum):
             bound = f"from {minimum} to {maximum}" if maximum is not None else f">= {minimum}"
             raise ValueError(f"must be {bound}")
@@ -593,7 +605,7 @@ def parse_address(value: Any) -> tuple[str, int]:
         raise ValueError("must be host:port, such as 127.0.0.1:15001")
     host, _, port_text = value.rpartition(":")
     host = host.strip("[]")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ValueError("must end in a port from 0 to 65535")
     try:
         ipaddress.ip_address(host)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
+# ASCII digits only (`\d` alone would take Arabic-Indic `10s`), and at most 15
+# of them, so a value is finite (15 digits of seconds are 31 million years).
+_DURATION = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,9})?)\s*(ms|s|m|h)\s*$", re.ASCII)
+_SIZE = re.compile(r"^\s*(\d{1,15})\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.ASCII)
 _SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _BYTES = {
     None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
@@ -28,8 +30,8 @@ def parse_size(text: object) -> int:
     if isinstance(text, bool):
         raise ValueError("must be a size such as 64KiB or 10MiB")
     if isinstance(text, int):
-        if text < 0:
-            raise ValueError("must not be negative")
+        if not 0 <= text < 10**15:
+            raise ValueError("must be a number of bytes from 0 to below 1e15")
         return text
     if not isinstance(text, str):
         raise ValueError("must be a size such as 64KiB or 10MiB")

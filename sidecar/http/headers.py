@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -25,6 +26,24 @@ TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
 BAGGAGE = "baggage"
 
+# In a header name, every character but a letter, digit or `-`: CGI and WSGI
+# servers turn `-` into `_`, so to the app `x_source_service` is `x-source-service`.
+_SEPARATORS = re.compile(r"[^a-z0-9-]")
+
+
+def looks_like_own(lower: str) -> bool:
+    """True if the lower-case header name `lower` is not one of the sidecar's
+    own names but reads as one with its `_` (or other separators) as `-`.
+
+    Such a header is dropped wherever headers cross the sidecar, either way
+    (Envoy's `headers_with_underscores_action` for these names): otherwise
+    `x_source_service: svc-c` reaches the app beside the verified caller.
+    """
+    if not lower.startswith("x") or not _SEPARATORS.search(lower):
+        return False
+    dashed = _SEPARATORS.sub("-", lower)
+    return dashed in (TOKEN, SOURCE) or dashed.startswith(SIDECAR_PREFIX)
+
 
 def forwardable(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
@@ -33,7 +52,8 @@ def forwardable(
     drop_sidecar: bool = True,
     keep: Iterable[str] = (),
 ) -> CIMultiDict[str]:
-    """A copy of `headers` without hop-by-hop ones, without `drop`, and, unless
+    """A copy of `headers` without hop-by-hop ones, without `drop`, without
+    look-alikes of the sidecar's own names (`looks_like_own`), and, unless
     `drop_sidecar` is false, without any `x-sidecar-*` other than those in `keep`."""
     named = {
         token.strip().lower()
@@ -46,7 +66,7 @@ def forwardable(
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
         lower = name.lower()
-        if lower in dropped:
+        if lower in dropped or looks_like_own(lower):
             continue
         if drop_sidecar and lower.startswith(SIDECAR_PREFIX) and lower not in kept:
             continue

@@ -17,6 +17,7 @@ from typing import Any
 import jwt
 from jwt.utils import base64url_decode
 
+from sidecar import names
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.identity.keys import (
     KeySet,
@@ -34,6 +35,12 @@ FORBIDDEN_HEADERS = ("crit", "jku", "x5u", "jwk", "x5c")
 
 MAX_TOKEN_CHARS = 8192
 CACHE_SIZE = 1024
+MAX_NUMERIC_DATE = 253_402_300_799
+"""9999-12-31T23:59:59Z: a time claim (RFC 7519 NumericDate) beyond it is refused.
+
+The bound is checked on the number as it came, before any arithmetic, so a
+10**400 or a NaN is a failed check and never an OverflowError.
+"""
 
 # Signature only: every claim check (and all time checks) happens here, on
 # the injected clock, so PyJWT's own checks are all off.
@@ -78,8 +85,8 @@ class Minter:
         if problem:
             raise ValueError(f"cannot mint tokens: {problem}")
         # Claims carry whole seconds; a TTL under one would mint dead tokens.
-        if not ttl >= 1:
-            raise ValueError(f"token ttl must be at least 1s, got {ttl}")
+        if not 1 <= ttl <= MAX_NUMERIC_DATE:
+            raise ValueError(f"token ttl must be at least 1s and finite, got {ttl}")
         self._service = service
         self._algorithm = algorithm
         self._key = key
@@ -143,8 +150,11 @@ class Verifier:
             problem = private_key_problem(secret, SECRET_ALGORITHM)
             if problem:
                 raise ValueError(f"cannot verify tokens: {problem}")
-        if max_ttl <= 0 or skew < 0 or cache_size < 0:
-            raise ValueError("max_ttl must be positive, skew and cache_size not negative")
+        # Written as ranges so that NaN fails too: a NaN max_ttl would pass every token.
+        if not (0 < max_ttl <= MAX_NUMERIC_DATE and 0 <= skew <= MAX_NUMERIC_DATE
+                and cache_size >= 0):
+            raise ValueError("max_ttl must be positive, skew and cache_size not negative, "
+                             "all finite")
         self._service = service.lower()
         self._keys = keys
         self._secret_key = VerifyKey(SECRET_ALGORITHM, secret) if secret is not None else None
@@ -213,6 +223,9 @@ class Verifier:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise TokenError("kid_missing", "the token has no kid header")
+        if not names.is_service_name(kid):
+            # Before the lookup: a kid such as "\u212aey" would case-fold onto "key".
+            raise TokenError("kid_unknown", "the token's kid is not a service name")
         if self._secret_key is not None:
             key = self._secret_key
         else:
@@ -263,11 +276,16 @@ def _unverified_header(token: str) -> dict[str, Any]:
 
 
 def _number(claims: dict[str, Any], name: str) -> float:
+    """A time claim as seconds since the epoch, bounded before it is converted."""
     value = claims.get(name)
     if value is None:
         raise TokenError(f"missing_{name}", f"the token has no {name} claim")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise TokenError("malformed", f"the token's {name} is not a number")
+    # Compared as it came (an int stays an int), so 10**400 cannot overflow
+    # and NaN, failing every comparison, is refused with the infinities.
+    if not 0 <= value <= MAX_NUMERIC_DATE:
+        raise TokenError("malformed", f"the token's {name} is not a time from 1970 to 9999")
     return float(value)
 
 

@@ -13,7 +13,8 @@ def normalise_path(*, routes: RouteTable) -> Layer:
     Decodes unreserved escapes, collapses `//`, resolves `.` and `..`; then
     sets `call.route`, the only form of the path telemetry sees. Refuses with
     400 `bad_request` (and the connection is closed) for a `..` above the
-    root, an encoded slash or backslash, or a control character.
+    root, a dot segment with path parameters (`..;`), an encoded slash or
+    backslash, or a control character.
     """
 
     async def normalise_path_layer(call: Call, next: Handler) -> Reply:

@@ -18,8 +18,15 @@ GENERIC_ROUTES = RouteTable(())
 
 
 def host_name(authority: str) -> str:
-    """`billing-engine:8080` -> `billing-engine`; `[::1]:15001` -> `::1`."""
+    """`billing-engine:8080` -> `billing-engine`; `[::1]:15001` -> `::1`.
+
+    An authority with userinfo names nothing (`""`): the host of
+    `billing:80@elsewhere` is `elsewhere`, and such a target is a trick, not
+    a call (RFC 9110 4.2.4: a recipient treats userinfo as an error).
+    """
     authority = authority.strip().lower()
+    if "@" in authority:
+        return ""
     if authority.startswith("["):
         return authority[1:].partition("]")[0]
     if authority.count(":") == 1:

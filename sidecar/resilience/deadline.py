@@ -42,6 +42,15 @@ def asked_timeout(value: str | None) -> float | None:
     return millis / 1000 if millis > 0 else None
 
 
+def shortest_asked(values: list[str]) -> float | None:
+    """The shortest valid `x-sidecar-timeout-ms` among `values`, or None.
+
+    Two headers are read as two asks: the shorter one holds, whichever came first.
+    """
+    asked = [seconds for seconds in map(asked_timeout, values) if seconds is not None]
+    return min(asked, default=None)
+
+
 def deadline(*, clock: Clock) -> Layer:
     """Sets `call.deadline` and answers 504 `upstream_timeout` when it passes.
 
@@ -56,8 +65,7 @@ def deadline(*, clock: Clock) -> Layer:
     async def deadline_layer(call: Call, next: Handler) -> Reply:
         assert call.upstream is not None, "deadline sits inside routing"
         limit = call.upstream.policy.timeout
-        asked = asked_timeout(call.headers.get(TIMEOUT_MS))
-        call.headers.popall(TIMEOUT_MS, None)
+        asked = shortest_asked(call.headers.popall(TIMEOUT_MS, []))
         shortened = asked is not None and asked < limit
         if asked is not None:
             limit = min(limit, asked)
@@ -196,10 +204,9 @@ def hold_deadline(*, clock: Clock = SYSTEM_CLOCK) -> Layer:
     async def hold_deadline_layer(call: Call, next: Handler) -> Reply:
         assert call.upstream is not None, "hold_deadline sits inside to_app"
         budget = call.upstream.policy.timeout
-        for value in call.headers.popall(TIMEOUT_MS, []):
-            asked = asked_timeout(value)
-            if asked is not None:
-                budget = min(budget, asked)
+        asked = shortest_asked(call.headers.popall(TIMEOUT_MS, []))
+        if asked is not None:
+            budget = min(budget, asked)
         call.deadline = clock.monotonic() + budget
         call.attempts = 1  # the one call to the app
 

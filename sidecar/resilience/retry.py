@@ -11,6 +11,7 @@ and is never retried; past the service's budget the last answer goes back.
 
 from __future__ import annotations
 
+import math
 import random
 from email.utils import parsedate_to_datetime
 
@@ -22,6 +23,9 @@ from sidecar.resilience.classify import Outcome, classify, is_refusal
 from sidecar.resilience.deadline import remaining
 from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
 
+MAX_DELAY_DIGITS = 15
+"""A delay-seconds of more digits (over 31 million years) is read as infinite."""
+
 
 def backoff_delay(backoff: Backoff, retry: int, rng: random.Random) -> float:
     """Full jitter: uniform in `[0, min(max, base * 2^retry))`, `retry` counting from 0."""
@@ -30,13 +34,18 @@ def backoff_delay(backoff: Backoff, retry: int, rng: random.Random) -> float:
 
 
 def retry_after(reply: Reply, wall_now: float) -> float | None:
-    """Seconds an upstream asked us to wait (`Retry-After`), or None if it asked nothing valid."""
+    """Seconds an upstream asked us to wait (`Retry-After`), or None if it asked nothing valid.
+
+    A wait of more than `MAX_DELAY_DIGITS` digits is infinite: longer than any time left,
+    so it forbids the retry, as a long `Retry-After` should.
+    """
     value = reply.headers.get(RETRY_AFTER)
     if value is None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(int(value))
+        # Judged by its length first: int() refuses 5000 digits, float() overflows at 309.
+        return float(int(value)) if len(value) <= MAX_DELAY_DIGITS else math.inf
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
@@ -77,7 +86,7 @@ def plan_delay(
         return None
     asked = retry_after(result, wall_now) if isinstance(result, Reply) else None
     delay = asked if asked is not None else backoff_delay(policy.backoff, retries, rng)
-    if time_left is not None and delay >= time_left:
+    if not math.isfinite(delay) or (time_left is not None and delay >= time_left):
         return None  # a wait that uses up the deadline leaves no attempt
     return delay
 

@@ -64,6 +64,42 @@ def test_normalise(raw: str, expected: str | None) -> None:
         assert normalise(raw) == expected
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/claims/..;/admin",
+        "/claims/..;jsessionid=1/admin",
+        "/claims/.;/admin",
+        "/claims/..;",
+        "/.;/admin",
+        "/claims/%2e%2e;/admin",
+        "/claims/%2E.;x/admin",
+        "/claims/..%3b/admin",
+        "/claims/..%3B/admin",
+        "/claims/.%3b/admin",
+        "/claims/%2e%2e%3B/admin",
+    ],
+)
+def test_dot_segments_with_path_parameters_are_refused(raw: str) -> None:
+    # Tomcat and Spring strip `;...` before resolving dots: `/claims/..;/admin` is `/admin`.
+    with pytest.raises(BadPath, match="dot segment with path parameters"):
+        normalise(raw)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/claims;v=1/7", "/claims;v=1/7"),
+        ("/claims/...;x", "/claims/...;x"),
+        ("/claims/;x/7", "/claims/;x/7"),
+        ("/claims/.x;/7", "/claims/.x;/7"),
+        ("/claims/x%3B..", "/claims/x%3B.."),
+    ],
+)
+def test_parameters_on_other_segments_pass(raw: str, expected: str) -> None:
+    assert normalise(raw) == expected
+
+
 def test_normalise_is_idempotent() -> None:
     for raw in ["/a/%2e%2e/b/", "/x%20y//z", "/%61/./c", "/café/"]:
         once = normalise(raw)

@@ -277,3 +277,48 @@ def test_path_patterns_follow_the_policy_rule(tmp_path: Path, key_dir: Path) -> 
         "inbound.policy[0].paths[0]: a '*' may only end a path, as '/*'",
         "inbound.public_paths[1]: must be a path that begins with '/'",
     ]
+
+
+def minimal(**sections: object) -> dict[str, object]:
+    return {"service": "a", "identity": {"algorithm": "HS256", "secret_file": __file__},
+            **sections}
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("drain_timeout", "1" + "0" * 400 + "s"),
+    ("drain_timeout", "\u0661\u0660s"),
+    ("limits", {"max_request_body": "9" * 5000}),
+    ("limits", {"max_request_body": "\u0661\u0660"}),
+    ("limits", {"max_request_body": 10**400}),
+    ("defaults", {"retry": {"budget": {"ratio": float("nan")}}}),
+    ("defaults", {"retry": {"budget": {"min_per_second": float("inf")}}}),
+    ("defaults", {"retry": {"budget": {"min_per_second": 10**400}}}),
+    ("listen", {"admin": "127.0.0.1:\u0661\u0665\u0660\u0660\u0660"}),
+])
+def test_numbers_out_of_reach_are_config_errors(key: str, value: object) -> None:
+    # Before: an infinite drain_timeout, a NaN ratio, an OverflowError, Python's own message.
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(minimal(**{key: value}), environ={})
+    assert len(err.value.errors) == 1 and "int_max_str_digits" not in err.value.errors[0]
+
+
+@pytest.mark.parametrize("text", [
+    "service: a\nidentity: 2001-02-30\n",  # ValueError from PyYAML's date constructor
+    "service: !!timestamp x\n",  # AttributeError
+    "service: " + "[" * 3000 + "\n",  # RecursionError
+    "service: &s [*s]\nidentity: {}\n",  # a list that holds itself
+])
+def test_yaml_that_pyyaml_cannot_read_is_a_config_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(path, environ={})
+    assert err.value.errors[0].startswith("(")
+
+
+def test_a_variable_that_pyyaml_cannot_read_is_judged_as_text() -> None:
+    # `${T}` alone takes the YAML type of its value; `2001-02-30` has none (ValueError).
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(minimal(drain_timeout="${T}"), environ={"T": "2001-02-30"})
+    assert err.value.errors == [
+        "drain_timeout: must be a duration with a unit (ms, s, m, h), such as 250ms or 5s"]

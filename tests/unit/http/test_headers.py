@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from multidict import CIMultiDict
 
 from sidecar.http.headers import forwardable
@@ -15,3 +16,18 @@ def test_forwardable_removes_hop_by_hop_and_connection_named() -> None:
     ])
     out = forwardable(headers, keep=("x-sidecar-timeout-ms",))
     assert list(out.keys()) == ["x-sidecar-timeout-ms", "Authorization"]
+
+
+@pytest.mark.parametrize("drop_sidecar", [True, False])
+def test_forwardable_drops_look_alikes_of_the_sidecars_own_names(drop_sidecar: bool) -> None:
+    headers: CIMultiDict[str] = CIMultiDict([
+        ("x_source_service", "svc-c"), ("X_Service_Token", "t"), ("x-source_service", "svc-c"),
+        ("x_sidecar_reason", "policy_denied"), ("X_SIDECAR_TIMEOUT_MS", "1"),
+        ("x.source.service", "svc-c"), ("x-sidecar_attempts", "9"),
+        # Not look-alikes: the app's own names, and the real ones (judged by other rules).
+        ("x_request_id", "r"), ("x_source_services", "s"), ("my_header", "m"),
+        ("x-source-service", "a"),
+    ])
+    out = forwardable(headers, drop_sidecar=drop_sidecar)
+    assert list(out.keys()) == ["x_request_id", "x_source_services", "my_header",
+                                "x-source-service"]

@@ -146,6 +146,10 @@ def test_hs256_caller_must_be_a_service_name(clock: FakeClock) -> None:
     v = Verifier(service=TARGET, secret=SECRET, max_ttl=MAX_TTL, skew=SKEW, clock=clock)
     bad = "evil\r\nx-source-service: admin"
     token = jwt.encode(claims(clock, iss=bad), SECRET, algorithm="HS256", headers={"kid": bad})
+    assert rejected(v, token) == "kid_unknown"
+    # The kid is a name, and the iss case-folds onto it without being one.
+    token = jwt.encode(claims(clock, iss="\u212aey"), SECRET, algorithm="HS256",
+                       headers={"kid": "key"})
     assert rejected(v, token) == "issuer"
 
 
@@ -292,6 +296,31 @@ def test_exp_and_iat_must_be_present_numbers(mesh: dict[str, Any], clock: FakeCl
     assert rejected(v, signed(mesh, claims(clock, iat=True))) == "malformed"
 
 
+@pytest.mark.parametrize("claim", ["exp", "iat", "nbf"])
+@pytest.mark.parametrize(
+    "value",
+    [10**400, -(10**400), float("inf"), float("-inf"), float("nan"), 1e308, -1, 253_402_300_800],
+    ids=["huge", "-huge", "inf", "-inf", "nan", "1e308", "negative", "year-10000"],
+)
+def test_time_claims_out_of_range_fail_the_check(
+    mesh: dict[str, Any], clock: FakeClock, claim: str, value: Any
+) -> None:
+    # Signed by a mesh key, so only the claim checks stand between it and the app.
+    token = signed(mesh, claims(clock, **{claim: value}))
+    assert rejected(verifier(mesh, clock), token) == "malformed"
+
+
+def test_a_kid_that_only_case_folds_onto_a_service_is_unknown(
+    mesh: dict[str, Any], clock: FakeClock
+) -> None:
+    # "\u212a" (KELVIN SIGN) lower-cases to "k", so "\u212ad" would find kd's key.
+    keys = KeySet({**mesh["keys"], "kd": mesh["keys"]["ed"]})
+    token = signed(mesh, claims(clock, iss="kd"), kid="\u212ad")
+    assert rejected(verifier(mesh, clock, keys=keys), token) == "kid_unknown"
+    assert verifier(mesh, clock, keys=keys).verify(
+        signed(mesh, claims(clock, iss="kd"), kid="KD")) == "kd"
+
+
 def test_exp_may_be_past_only_by_the_skew(mesh: dict[str, Any], clock: FakeClock) -> None:
     t = now(clock)
     v = verifier(mesh, clock)
@@ -335,6 +364,17 @@ def test_a_remembered_token_belongs_to_its_verifier(mesh: dict[str, Any], clock:
 
 def test_verifier_names_its_service_lowercased(mesh: dict[str, Any], clock: FakeClock) -> None:
     assert verifier(mesh, clock, service="Billing-Engine").service == TARGET
+
+
+@pytest.mark.parametrize(
+    "settings", [{"max_ttl": float("nan")}, {"max_ttl": float("inf")}, {"skew": float("nan")}]
+)
+def test_verifier_refuses_settings_that_would_turn_a_check_off(
+    mesh: dict[str, Any], settings: dict[str, float]
+) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        Verifier(**{"service": TARGET, "keys": mesh["keys"], "max_ttl": MAX_TTL,
+                    "skew": SKEW, **settings})
 
 
 def test_verifier_needs_exactly_one_key_source(mesh: dict[str, Any]) -> None:
@@ -426,3 +466,5 @@ def test_minter_checks_its_key_and_ttl(mesh: dict[str, Any]) -> None:
         Minter(service="ed", algorithm="HS256", key=b"short", ttl=TTL)
     with pytest.raises(ValueError, match="ttl"):
         Minter(service="ed", algorithm="EdDSA", key=mesh["private"]["ed"], ttl=0.5)
+    with pytest.raises(ValueError, match="ttl"):
+        Minter(service="ed", algorithm="EdDSA", key=mesh["private"]["ed"], ttl=float("inf"))

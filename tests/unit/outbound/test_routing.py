@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from sidecar.outbound.routing import resolve, route
 from sidecar.stack import Target
 from tests.support.calls import Next, make_call, target
@@ -44,3 +46,13 @@ async def test_route_layer_answers_no_route_without_calling_next() -> None:
     assert reply.status == 200
     assert downstream.calls[0].target == "billing"
     assert downstream.calls[0].route == "/patients/{id}"
+
+
+@pytest.mark.parametrize("authority", ["billing:80@elsewhere", "user@billing",
+                                       "billing@127.0.0.1", "user:pass@billing:80"])
+def test_an_authority_with_userinfo_names_no_service(authority: str) -> None:
+    table = targets("billing")
+    found, _ = resolve(make_call("/claims", host="other", absolute_host=authority), table, LOCAL)
+    assert found is None
+    found, _ = resolve(make_call("/billing/claims", host=authority), table, LOCAL)
+    assert found is None

@@ -39,6 +39,8 @@ async def hang_after(clock: FakeClock, seconds: float) -> None:
         ("abc", None),
         ("", None),
         ("٣", None),
+        ("9" * 11, None),
+        ("9" * 5000, None),
         (None, None),
     ],
 )
@@ -88,6 +90,24 @@ async def test_header_never_lengthens(clock: FakeClock) -> None:
     call = make_call(timeout=2.0, **{TIMEOUT_HEADER: "60000"})
     await layer(call, next)
     assert seen == [clock.now + 2.0]
+    assert TIMEOUT_HEADER not in call.headers
+
+
+@pytest.mark.parametrize("values", [["5000", "1500"], ["1500", "5000"], ["soon", "1500"]])
+async def test_of_two_headers_the_shorter_holds_in_either_order(
+    clock: FakeClock, values: list[str]
+) -> None:
+    call = make_call(timeout=10.0)
+    for value in values:
+        call.headers.add(TIMEOUT_HEADER, value)
+    seen: list[float | None] = []
+
+    async def next(call: Call) -> Reply:
+        seen.append(call.deadline)
+        return ok()
+
+    await deadline(clock=clock)(call, next)
+    assert seen == [clock.now + 1.5]
     assert TIMEOUT_HEADER not in call.headers
 
 

@@ -96,6 +96,23 @@ def test_retry_after_seconds_and_date() -> None:
     assert retry_after(answer(503), now) is None
 
 
+@pytest.mark.parametrize("digits", [16, 400, 5000])
+def test_a_retry_after_of_absurd_length_is_infinite_not_an_error(digits: int) -> None:
+    # int() refuses 5000 digits and float() overflows at 309: neither may escape.
+    assert retry_after(answer(503, **{"Retry-After": "9" * digits}), 0.0) == float("inf")
+    assert retry_after(answer(503, **{"Retry-After": "9" * 15}), 0.0) == 999_999_999_999_999
+
+
+async def test_an_endless_retry_after_forbids_the_retry(clock: FakeClock) -> None:
+    first = answer(503, **{"Retry-After": "1" + "0" * 400})
+    script = Next(first, answer(200))
+    call = make_call()
+    call.deadline = None  # not even "no deadline" makes an endless wait worth it
+    reply = await run(clock, call, script)
+    assert reply is first
+    assert len(script.calls) == 1 and clock.sleeps == []
+
+
 # --- what is retried ------------------------------------------------------------------------
 
 
