@@ -48,20 +48,31 @@ class VerifyKey:
 
 
 class KeySet(Mapping[str, VerifyKey]):
-    """Immutable kid -> VerifyKey; kids are service names, looked up case-insensitively."""
+    """Immutable kid -> VerifyKey; kids are service names, looked up case-insensitively.
+
+    A kid may hold more than one key while its service rotates: `candidates`
+    gives them all (the mapping itself answers the first).
+    """
 
     __slots__ = ("_keys",)
 
-    def __init__(self, keys: Mapping[str, VerifyKey]) -> None:
-        folded: dict[str, VerifyKey] = {}
+    def __init__(self, keys: Mapping[str, VerifyKey | tuple[VerifyKey, ...]]) -> None:
+        folded: dict[str, tuple[VerifyKey, ...]] = {}
         for kid, key in keys.items():
             if kid.lower() in folded:
                 raise ValueError(f"duplicate kid {kid.lower()!r} (kids compare case-insensitively)")
-            folded[kid.lower()] = key
+            held = key if isinstance(key, tuple) else (key,)
+            if not held:
+                raise ValueError(f"kid {kid.lower()!r} has no key")
+            folded[kid.lower()] = held
         self._keys = MappingProxyType(folded)
 
     def __getitem__(self, kid: str) -> VerifyKey:
-        return self._keys[kid.lower()]
+        return self._keys[kid.lower()][0]
+
+    def candidates(self, kid: str) -> tuple[VerifyKey, ...]:
+        """Every key of `kid` (old and new during a rotation); empty when it has none."""
+        return self._keys.get(kid.lower(), ())
 
     def __contains__(self, kid: object) -> bool:
         return isinstance(kid, str) and kid.lower() in self._keys
@@ -164,12 +175,12 @@ def public_jwk(public_key: Any, *, kid: str, algorithm: str) -> dict[str, Any]:
 def merge_jwks(dirs: Iterable[str | Path]) -> dict[str, Any]:
     """Merge every `*.jwks.json` directly in each dir into one JWKS, sorted by kid.
 
-    The same key seen twice (say, one dir listed twice) is kept once; one kid
-    with two different keys is an error, as a verifier could not tell which
-    one speaks for the service.
+    The same key seen twice (say, one dir listed twice) is kept once; a kid
+    with two different keys keeps both, in the order found: that is a key
+    rotation, during which verifiers must accept either.
     """
     dir_list = list(dirs)
-    by_kid: dict[str, tuple[dict[str, Any], Path]] = {}
+    by_kid: dict[str, list[dict[str, Any]]] = {}
     seen_files = 0
     for directory in dir_list:
         base = Path(directory)
@@ -178,31 +189,32 @@ def merge_jwks(dirs: Iterable[str | Path]) -> dict[str, Any]:
         for path in sorted(p for p in base.glob("*.jwks.json") if p.is_file()):
             seen_files += 1
             for jwk in _read_jwks(path):
-                kid = jwk["kid"].lower()
-                earlier = by_kid.get(kid)
-                if earlier is None:
-                    by_kid[kid] = (jwk, path)
-                elif _material(earlier[0]) != _material(jwk):
-                    raise KeyMaterialError(
-                        f"kid {kid!r} has different keys in {earlier[1]} and {path}"
-                    )
+                held = by_kid.setdefault(jwk["kid"].lower(), [])
+                if all(_material(earlier) != _material(jwk) for earlier in held):
+                    held.append(jwk)
     if seen_files == 0:
         raise KeyMaterialError("no *.jwks.json files in " + ", ".join(str(d) for d in dir_list))
-    return {"keys": [by_kid[kid][0] for kid in sorted(by_kid)]}
+    return {"keys": [jwk for kid in sorted(by_kid) for jwk in by_kid[kid]]}
 
 
 def load_keyset(path: str | Path) -> KeySet:
-    """Load a JWKS file into a KeySet, each key with the algorithm its material implies."""
+    """Load a JWKS file into a KeySet, each key with the algorithm its material implies.
+
+    A kid may appear more than once with different keys (a rotation: old and
+    new); the very same key twice is kept once.
+    """
     source = Path(path)
-    keys: dict[str, VerifyKey] = {}
+    keys: dict[str, list[VerifyKey]] = {}
+    material: dict[str, list[Any]] = {}
     for jwk in _read_jwks(source):
         kid = jwk["kid"].lower()
-        if kid in keys:
-            raise KeyMaterialError(f"{source}: kid {kid!r} appears more than once")
-        keys[kid] = _verify_key(jwk, source)
+        if _material(jwk) in material.setdefault(kid, []):
+            continue
+        material[kid].append(_material(jwk))
+        keys.setdefault(kid, []).append(_verify_key(jwk, source))
     if not keys:
         raise KeyMaterialError(f"{source}: the JWKS holds no keys")
-    return KeySet(keys)
+    return KeySet({kid: tuple(held) for kid, held in keys.items()})
 
 
 def _read_jwks(path: Path) -> list[dict[str, Any]]:

@@ -187,15 +187,8 @@ class Verifier:
         return caller
 
     def _check(self, token: str, now: float) -> tuple[str, float]:
-        kid, key = self._key_for(token)
-        try:
-            claims = _DECODER.decode(
-                token, key.key, algorithms=[key.algorithm], options=_SIGNATURE_ONLY
-            )
-        except jwt.InvalidSignatureError:
-            raise TokenError("signature", "the signature does not check") from None
-        except jwt.InvalidTokenError:
-            raise TokenError("malformed", "the token is not a well-formed JWT") from None
+        kid, keys = self._keys_for(token)
+        claims = _signed_claims(token, keys)
         caller = self._issuer(claims, kid)
         self._check_audience(claims.get("aud"))
         exp, iat = _number(claims, "exp"), _number(claims, "iat")
@@ -212,8 +205,9 @@ class Verifier:
             )
         return caller, exp
 
-    def _key_for(self, token: str) -> tuple[str, VerifyKey]:
-        """Read the unverified header and pick the kid's key; the header's `alg` must match it."""
+    def _keys_for(self, token: str) -> tuple[str, tuple[VerifyKey, ...]]:
+        """Read the unverified header and pick the kid's keys (more than one while it
+        rotates); the header's `alg` must be the keys' own."""
         if not isinstance(token, str) or len(token) > MAX_TOKEN_CHARS:
             raise TokenError("malformed", "the token is not a well-formed JWT")
         header = _unverified_header(token)
@@ -227,16 +221,16 @@ class Verifier:
             # Before the lookup: a kid such as "\u212aey" would case-fold onto "key".
             raise TokenError("kid_unknown", "the token's kid is not a service name")
         if self._secret_key is not None:
-            key = self._secret_key
+            keys: tuple[VerifyKey, ...] = (self._secret_key,)
         else:
             assert self._keys is not None
-            found = self._keys.get(kid)
-            if found is None:
+            keys = self._keys.candidates(kid)
+            if not keys:
                 raise TokenError("kid_unknown", "the token's kid is not in the JWKS")
-            key = found
-        if header.get("alg") != key.algorithm:
-            raise TokenError("algorithm", f"the token's alg is not the key's {key.algorithm}")
-        return kid, key
+        matching = tuple(key for key in keys if key.algorithm == header.get("alg"))
+        if not matching:
+            raise TokenError("algorithm", f"the token's alg is not the key's {keys[0].algorithm}")
+        return kid, matching
 
     def _issuer(self, claims: dict[str, Any], kid: str) -> str:
         iss = claims.get("iss")
@@ -258,6 +252,21 @@ class Verifier:
             raise TokenError("audience", f"the token's aud is not {self._service}")
         if not all(isinstance(a, str) and a.lower() == self._service for a in audiences):
             raise TokenError("audience", f"the token's aud is not only {self._service}")
+
+
+def _signed_claims(token: str, keys: tuple[VerifyKey, ...]) -> dict[str, Any]:
+    """The claims of `token` once one of `keys` checks its signature."""
+    for key in keys:
+        try:
+            claims: dict[str, Any] = _DECODER.decode(
+                token, key.key, algorithms=[key.algorithm], options=_SIGNATURE_ONLY
+            )
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.InvalidTokenError:
+            raise TokenError("malformed", "the token is not a well-formed JWT") from None
+        return claims
+    raise TokenError("signature", "the signature does not check")
 
 
 def _unverified_header(token: str) -> dict[str, Any]:

@@ -216,9 +216,6 @@ def refused(process: SidecarProcess) -> bool:
     return "config reload refused" in process.logs(chars=10**7)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a JWKS cannot hold a service's old and new keys: kid must equal iss, and "
-    "sidecar/identity/keys.py refuses a kid twice (load_keyset, merge_jwks)"))
 @pytest.mark.timeout(90)
 async def test_sighup_under_load_with_a_new_policy_and_a_rotated_key_fails_no_call(
         make_mesh, upstreams):

@@ -119,14 +119,20 @@ def test_merge_takes_every_jwks_file_directly_in_each_dir_sorted_by_kid(tmp_path
     assert sorted(load_keyset(out)) == ["alpha", "mid", "zeta"]
 
 
-def test_merge_rejects_one_kid_with_two_keys(tmp_path: Path) -> None:
+def test_merge_keeps_both_keys_of_a_rotating_kid(tmp_path: Path) -> None:
+    # Issue 9: a JWKS must hold a service's old and new keys while it rotates
+    # (kid is the service name, so both share it). This replaced the rule
+    # that refused one kid with two keys.
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    write_jwks(tmp_path / "a" / "x.jwks.json", ed_jwk("billing"))
-    write_jwks(tmp_path / "b" / "y.jwks.json", ed_jwk("Billing"))
+    old, new = ed_jwk("billing"), ed_jwk("Billing")
+    write_jwks(tmp_path / "a" / "x.jwks.json", old)
+    write_jwks(tmp_path / "b" / "y.jwks.json", new)
 
-    with pytest.raises(KeyMaterialError, match="'billing'"):
-        merge_jwks([tmp_path / "a", tmp_path / "b"])
+    merged = merge_jwks([tmp_path / "a", tmp_path / "b", tmp_path / "a"])
+    assert merged["keys"] == [old, new]
+    keys = load_keyset(write_jwks(tmp_path / "mesh.json", *merged["keys"]))
+    assert len(keys.candidates("billing")) == 2
 
 
 def test_merge_keeps_the_same_key_once(tmp_path: Path) -> None:
@@ -227,9 +233,16 @@ def test_keyset_rejects_other_curves_and_short_rsa(tmp_path: Path) -> None:
         load_keyset(write_jwks(tmp_path / "j.json", jwk))
 
 
-def test_keyset_rejects_duplicates_empty_sets_and_bad_files(tmp_path: Path) -> None:
-    with pytest.raises(KeyMaterialError, match="more than once"):
-        load_keyset(write_jwks(tmp_path / "j.json", ed_jwk("a"), ed_jwk("A")))
+def test_keyset_keeps_rotating_keys_and_the_same_key_once(tmp_path: Path) -> None:
+    # Issue 9: old and new keys of one service (one kid) are both trusted
+    # during a rotation; the very same key listed twice is one key.
+    old, new = ed_jwk("a"), ed_jwk("A")
+    keys = load_keyset(write_jwks(tmp_path / "j.json", old, new, old))
+    assert len(keys.candidates("a")) == 2 and list(keys) == ["a"]
+    assert keys.candidates("other") == ()
+
+
+def test_keyset_rejects_empty_sets_and_bad_files(tmp_path: Path) -> None:
     with pytest.raises(KeyMaterialError, match="no keys"):
         load_keyset(write_jwks(tmp_path / "j.json"))
     (tmp_path / "j.json").write_text('["keys"]')

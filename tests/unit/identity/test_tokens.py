@@ -8,6 +8,7 @@ import hmac
 import json
 import re
 import uuid
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -468,3 +469,27 @@ def test_minter_checks_its_key_and_ttl(mesh: dict[str, Any]) -> None:
         Minter(service="ed", algorithm="EdDSA", key=mesh["private"]["ed"], ttl=0.5)
     with pytest.raises(ValueError, match="ttl"):
         Minter(service="ed", algorithm="EdDSA", key=mesh["private"]["ed"], ttl=float("inf"))
+
+
+def test_a_rotating_service_is_trusted_with_old_and_new_keys_only(
+    mesh: dict[str, Any], clock: FakeClock, tmp_path: Path
+) -> None:
+    # The JWKS holds ed's old key and a new one (both kid "ed"): either verifies,
+    # a third key of the same kid does not, and the old key goes with its entry.
+    new_pem, _ = generate(service="ed", out_dir=tmp_path / "new", algorithm="EdDSA")
+    stray_pem, _ = generate(service="ed", out_dir=tmp_path / "stray", algorithm="EdDSA")
+    merged = merge_jwks([mesh["dir"], tmp_path / "new"])
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps(merged))
+    rotating = verifier(mesh, clock, keys=load_keyset(both))
+    new_key = load_private_key(new_pem, "EdDSA")
+    stray_key = load_private_key(stray_pem, "EdDSA")
+    old_token = signed(mesh, claims(clock))
+    new_token = jwt.encode(claims(clock), new_key, algorithm="EdDSA", headers={"kid": "ed"})
+    stray = jwt.encode(claims(clock), stray_key, algorithm="EdDSA", headers={"kid": "ed"})
+    assert rotating.verify(old_token) == "ed"
+    assert rotating.verify(new_token) == "ed"
+    assert rejected(rotating, stray) == "signature"
+    only_new = tmp_path / "new.json"
+    only_new.write_text(json.dumps(merge_jwks([tmp_path / "new"])))
+    assert rejected(verifier(mesh, clock, keys=load_keyset(only_new)), old_token) == "signature"
