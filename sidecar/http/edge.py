@@ -17,7 +17,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from multidict import CIMultiDict
 
 from sidecar.clock import SYSTEM_CLOCK, Clock
-from sidecar.http import websocket
+from sidecar.http import listener, websocket
 from sidecar.http.headers import BAGGAGE, SOURCE, TIMEOUT_MS, forwardable
 from sidecar.stack import Body, BodyTooLarge, Call, Direction, Handler, MalformedBody, Reply
 
@@ -103,7 +103,7 @@ async def _write(request: web.BaseRequest, reply: Reply, *,
     length = headers.popall("Content-Length", None)
     if extra is not None:
         extra(reply, headers)
-    response = web.StreamResponse(status=reply.status, headers=headers)
+    response = listener.StreamAnswer(status=reply.status, headers=headers)
     head = request.method == "HEAD"
     if isinstance(reply.body, bytes):
         response.content_length = len(reply.body)

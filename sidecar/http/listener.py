@@ -7,8 +7,8 @@ text never reaches a log (it may quote a header), and a client slower than
 
 This is the one module that touches aiohttp's private attributes (the
 protocol's parser state, a site's server, the client session's hidden
-resend): each is named and explained here, so an aiohttp upgrade has one
-place to check.
+resend, the headers a response adds as it starts): each is named and
+explained here, so an aiohttp upgrade has one place to check.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-from aiohttp import web, web_protocol
+from aiohttp import hdrs, web, web_protocol
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from sidecar.config.settings import Limits
@@ -31,6 +31,35 @@ log = logging.getLogger("sidecar.http.listener")
 RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # Told of every request refused before it could become a call (for audit and metrics).
 OnRefused = Callable[[Reply], None]
+
+
+# What aiohttp writes into every answer unless told otherwise: `Server`, and
+# `Content-Type: application/octet-stream` on a body that names no type.
+ADDED_BY_AIOHTTP = (hdrs.SERVER, hdrs.CONTENT_TYPE)
+
+
+class StreamAnswer(web.StreamResponse):
+    """A streamed answer that carries no header aiohttp would add of its own.
+
+    A relayed answer keeps exactly the upstream's headers (an answer without
+    a type stays without one), and the sidecar's own answers name no
+    software. `Date` is still added when missing, as RFC 9110 6.6.1 asks of
+    a forwarder.
+    """
+
+    async def _prepare_headers(self) -> None:
+        absent = [name for name in ADDED_BY_AIOHTTP if name not in self.headers]
+        await super()._prepare_headers()
+        for name in absent:
+            self.headers.popall(name, None)
+
+
+class Answer(StreamAnswer, web.Response):
+    """A whole answer (a body in bytes) that adds no header of aiohttp's own."""
+
+
+class WebSocketAnswer(StreamAnswer, web.WebSocketResponse):
+    """The client side of a relayed WebSocket: a 101 with no `Server` of aiohttp's own."""
 
 
 class GuardedProtocol(web_protocol.RequestHandler):
@@ -127,7 +156,7 @@ class GuardedProtocol(web_protocol.RequestHandler):
         if self.on_refused is not None and reason != "internal_error":
             self.on_refused(reply)
         assert isinstance(reply.body, bytes)
-        response = web.Response(status=reply.status, body=reply.body, headers=reply.headers)
+        response = Answer(status=reply.status, body=reply.body, headers=reply.headers)
         response.force_close()
         return response
 
