@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadHttpMessage
 from multidict import CIMultiDict
 
@@ -23,6 +23,9 @@ from sidecar.stack import Body, BodyTooLarge, Call, Direction, Handler, Malforme
 
 log = logging.getLogger("sidecar.http.edge")
 
+# Answers after which the rest of the connection cannot be trusted to frame a
+# next request: a malformed request, or a body left unread.
+CLOSING_STATUSES = frozenset({400, 413})
 
 
 def request_body(request: web.BaseRequest, limit: int) -> Body:
@@ -159,9 +162,12 @@ async def serve(request: web.BaseRequest, handler: Handler, direction: Direction
         headers: CIMultiDict[str] = CIMultiDict()
         extra(call, reply, headers)
         return await websocket.relay(request, reply, headers=headers)
+    # After a refused upgrade the client may already be speaking the other
+    # protocol: nothing more on this connection is read as HTTP.
+    refused_upgrade = hdrs.UPGRADE in request.headers
     return await write(
         request, reply,
         extra=lambda reply, headers: extra(call, reply, headers),
-        close=closing() or reply.status == 400 or reply.status == 413,
+        close=closing() or reply.status in CLOSING_STATUSES or refused_upgrade,
         idle=idle,
     )

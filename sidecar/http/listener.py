@@ -3,7 +3,10 @@
 aiohttp answers malformed requests itself with text/plain; here those answers
 become problem+json (400 `bad_request`, 431 `headers_too_large`), exception
 text never reaches a log (it may quote a header), and a client slower than
-`header_timeout` to send its request headers is cut off.
+`header_timeout` to send its request headers is cut off. What aiohttp's
+parsers let through but the sidecar does not speak (another HTTP version, a
+transfer coding other than chunked) is refused the same way, before the
+request becomes a call.
 
 This is the one module that touches aiohttp's private attributes (the
 protocol's parser state, a site's server, the client session's hidden
@@ -20,7 +23,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import hdrs, web, web_protocol
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.streams import StreamReader
 
 from sidecar.config.settings import Limits
 from sidecar.http import problem
@@ -31,6 +37,11 @@ log = logging.getLogger("sidecar.http.listener")
 RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # Told of every request refused before it could become a call (for audit and metrics).
 OnRefused = Callable[[Reply], None]
+
+SPOKEN = (HttpVersion10, HttpVersion11)
+# More digits than any body this side of an exabyte: llhttp refuses a length past
+# 2^64 as malformed, and the Python parser is held to the same (RFC 9110 8.6).
+MAX_LENGTH_DIGITS = 18
 
 
 # What aiohttp writes into every answer unless told otherwise: `Server`, and
@@ -60,6 +71,48 @@ class Answer(StreamAnswer, web.Response):
 
 class WebSocketAnswer(StreamAnswer, web.WebSocketResponse):
     """The client side of a relayed WebSocket: a 101 with no `Server` of aiohttp's own."""
+
+
+def refusal(reason: str, detail: str, *, answer_headers: dict[str, str],
+            on_refused: OnRefused | None) -> Answer:
+    """The answer to a request refused before it became a call: problem+json,
+    told to `on_refused` (audit, metrics), and the connection closed after it."""
+    reply = problem.reply(reason, detail, headers=answer_headers)
+    if on_refused is not None and reason != "internal_error":
+        on_refused(reply)
+    assert isinstance(reply.body, bytes)
+    response = Answer(status=reply.status, body=reply.body, headers=reply.headers)
+    response.force_close()
+    return response
+
+
+def unspoken(request: web.BaseRequest) -> str | None:
+    """Why a request the parser took is still not one the sidecar speaks, or None.
+
+    Only HTTP/1.0 and HTTP/1.1 are spoken (a client writing `HTTP/2.0` or no
+    version at all is not speaking them). The one transfer coding is
+    `chunked`, alone and in HTTP/1.1: any other would be relayed as if it
+    were the body itself. A length too long to be one is malformed.
+    """
+    if isinstance(request, OtherVersion):
+        return ("This sidecar speaks HTTP/1.0 and HTTP/1.1 only; the request line named "
+                "another version or none. The connection is closed.")
+    codings = request.headers.getall(hdrs.TRANSFER_ENCODING, [])
+    if codings and (request.version != HttpVersion11
+                    or ",".join(codings).strip().lower() != "chunked"):
+        return ("Transfer-Encoding may only be `chunked`, and only in HTTP/1.1: any other "
+                "leaves the body's length unclear. The connection is closed.")
+    if len(request.headers.get(hdrs.CONTENT_LENGTH, "").strip()) > MAX_LENGTH_DIGITS:
+        return "The Content-Length is not a length this sidecar reads. The connection is closed."
+    return None
+
+
+class OtherVersion(web.BaseRequest):
+    """A request in a version the sidecar does not speak, to be refused.
+
+    It is made to read as HTTP/1.1 so that the refusal's status line is one the
+    client can read (RFC 9112 2.3: answer in the highest version spoken).
+    """
 
 
 class GuardedProtocol(web_protocol.RequestHandler):
@@ -152,23 +205,20 @@ class GuardedProtocol(web_protocol.RequestHandler):
                 "Content-Length and Transfer-Encoding). The connection is closed.")
         else:
             reason, detail = "internal_error", "The sidecar failed on this request."
-        reply = problem.reply(reason, detail, headers=self.answer_headers)
-        if self.on_refused is not None and reason != "internal_error":
-            self.on_refused(reply)
-        assert isinstance(reply.body, bytes)
-        response = Answer(status=reply.status, body=reply.body, headers=reply.headers)
-        response.force_close()
-        return response
+        return refusal(reason, detail, answer_headers=self.answer_headers,
+                       on_refused=self.on_refused)
 
 
 class GuardedServer(web.Server):
-    """A low-level server whose connections are `GuardedProtocol`s."""
+    """A low-level server whose connections are `GuardedProtocol`s, and which
+    refuses what its parser took but the sidecar does not speak (`unspoken`)."""
 
     def __init__(self, handler: RawHandler, *, limits: Limits,
                  on_refused: OnRefused | None = None,
                  answer_headers: dict[str, str] | None = None, **kwargs: Any) -> None:
+        self._inner = handler
         super().__init__(
-            handler,
+            self._checked,
             max_line_size=limits.max_header_line,
             max_field_size=limits.max_header_line,
             max_headers=limits.max_headers,
@@ -181,6 +231,27 @@ class GuardedServer(web.Server):
         self.max_headers = limits.max_headers
         self.on_refused = on_refused
         self.answer_headers = answer_headers or {}
+
+    async def _checked(self, request: web.BaseRequest) -> web.StreamResponse:
+        detail = unspoken(request)
+        if detail is None:
+            return await self._inner(request)
+        response = refusal("bad_request", detail, answer_headers=self.answer_headers,
+                           on_refused=self.on_refused)
+        # Closed as soon as the answer is out, as after a parse error: a body
+        # whose framing is not understood is not read (aiohttp would linger on it).
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()
+        return response
+
+    def _make_request(self, message: RawRequestMessage, payload: StreamReader,
+                      protocol: web_protocol.RequestHandler, writer: AbstractStreamWriter,
+                      task: asyncio.Task[None]) -> web.BaseRequest:
+        if message.version in SPOKEN:
+            return super()._make_request(message, payload, protocol, writer, task)
+        message = message._replace(version=HttpVersion11, should_close=True)
+        return OtherVersion(message, payload, protocol, writer, task, self._loop)
 
     def __call__(self) -> GuardedProtocol:
         protocol = GuardedProtocol(self, loop=self._loop, **self._kwargs)

@@ -1,0 +1,211 @@
+"""HTTP parsing and smuggling (issue 9, corpus 2): hostile requests over raw sockets.
+
+Every vector goes to both listeners of one sidecar, the outbound one (to a
+`mesh: false` service) and the inbound one (a public path), each leading to
+the same counting app; and every test runs twice, with aiohttp's C parser
+(llhttp) and with its Python parser (`AIOHTTP_NO_EXTENSIONS=1` in the
+sidecar's environment). A vector is either refused (400 `bad_request`, the
+connection closed, nothing reaches the app) or served safely (one request at
+the app, as SPEC says it should look). The app never receives a request
+smuggled behind another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from aiohttp import web
+
+from deploy.process import SidecarProcess
+from tests.integration.test_core import wait_for_audit
+from tests.support.raw import Exchange, exchange
+from tests.support.upstream import Seen, Upstream
+
+pytestmark = pytest.mark.timeout(120)
+
+PARSERS = {"llhttp": {}, "python": {"AIOHTTP_NO_EXTENSIONS": "1"}}
+HEAD = b"POST {p}/x HTTP/1.1\r\nHost: localhost\r\n"
+CHUNKED = HEAD + b"Transfer-Encoding: chunked\r\n"
+SMUGGLED = b"GET {p}/smuggled HTTP/1.1\r\nHost: localhost\r\n\r\n"
+
+
+@dataclass
+class Front:
+    """One sidecar whose two listeners lead to one app, and the parser it runs."""
+
+    sidecar: SidecarProcess
+    app: Upstream
+    parser: str
+
+    async def send(self, vector: bytes) -> list[Exchange]:
+        """`vector` to each listener, `{p}` standing for the path prefix that routes it."""
+        replies = []
+        for port, prefix in ((self.sidecar.outbound, b"/payer"), (self.sidecar.inbound, b"")):
+            replies.append(await exchange(port, vector.replace(b"{p}", prefix)))
+        return replies
+
+    async def refused(self, vector: bytes) -> None:
+        """400 bad_request and a closed connection on both listeners; the app saw nothing."""
+        for reply in await self.send(vector):
+            assert reply.statuses == [400], reply.data[:400]
+            assert reply.header("x-sidecar-reason") == "bad_request"
+            assert reply.closed
+        assert self.app.seen == []
+
+    async def served(self, vector: bytes, body: bytes = b"abc") -> list[Seen]:
+        """One answer on each listener, and the app got the one request with `body`."""
+        for reply in await self.send(vector):
+            assert reply.statuses == [200], reply.data[:400]
+        seen, self.app.seen = self.app.seen, []
+        assert [(one.path, one.body) for one in seen] == [("/x", body)] * 2
+        return seen
+
+
+@pytest.fixture(params=list(PARSERS))
+async def front(request, make_mesh, upstreams) -> Front:
+    app = await upstreams().start()
+    mesh = make_mesh(["a"])
+    sidecar = mesh.sidecar(
+        "a", inbound={"app": app.url, "public_paths": ["/*"]},
+        services={"payer": {"endpoints": [app.url], "mesh": False, "retry": {"attempts": 1}}},
+        limits={"idle_timeout": "1s"})
+    sidecar.env.update(PARSERS[request.param])
+    await sidecar.start()
+    return Front(sidecar, app, request.param)
+
+
+async def test_ambiguous_or_malformed_lengths_are_refused(front):
+    for vector in [
+        HEAD + b"Content-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + SMUGGLED,
+        CHUNKED + b"Content-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n",
+        HEAD + b"Content-Length: 3\r\nContent-Length: 40\r\n\r\nabc" + SMUGGLED,
+        HEAD + b"Content-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+        HEAD + b"Content-Length: 3, 3\r\n\r\nabc",
+        *(HEAD + b"Content-Length: " + value + b"\r\n\r\nabc" for value in [
+            b"+3", b"-3", b"0x3", b"1_0", "\u0663".encode(), b"1 0", b"",
+            b"99999999999999999999999999",  # past 2^64
+        ]),
+    ]:
+        await front.refused(vector)
+
+
+async def test_transfer_codings_other_than_plain_chunked_are_refused(front):
+    body = b"3\r\nabc\r\n0\r\n\r\n"
+    for header in [
+        b"Transfer-Encoding: xchunked", b"Transfer-Encoding : chunked",
+        b"Transfer-Encoding: chunked, identity", b"Transfer-Encoding: identity",
+        b"Transfer-Encoding: gzip, chunked", b'Transfer-Encoding: "chunked"',
+        b"Transfer-Encoding:\x0bchunked",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: x",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+    ]:
+        await front.refused(HEAD + header + b"\r\n\r\n" + body)
+    # HTTP/1.0 has no chunked coding: its framing is faulty (RFC 9112 6.1).
+    await front.refused(b"POST {p}/x HTTP/1.0\r\nHost: localhost\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n" + body)
+    # Header names are case-insensitive and whitespace around a value is not part of it.
+    close = b"Connection: close\r\n"
+    await front.served(HEAD + close + b"Transfer-Encoding: CHUNKED\r\n\r\n" + body)
+    await front.served(HEAD + close + b"Transfer-Encoding:\tchunked \r\n\r\n" + body)
+
+
+async def test_obs_fold_and_bare_control_characters_are_refused(front):
+    for vector in [
+        b"GET {p}/x HTTP/1.1\r\nHost: localhost\r\nX-A: b\r\n c\r\n\r\n",
+        HEAD + b"X-A: b\r\n Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc",
+        b"GET {p}/x HTTP/1.1\nHost: localhost\n\n",
+        b"GET {p}/x HTTP/1.1\r\nHost: localhost\r\nX-A: a\nX-B: b\r\n\r\n",
+        b"GET {p}/x HTTP/1.1\r\nHost: localhost\r\nX-A: a\rX-B: b\r\n\r\n",
+        b"GET {p}/x\rHTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET {p}/x HTTP/1.1\r\nHost: localhost\r\nX-A: a\x00b\r\n\r\n",
+        b"GET {p}/x HTTP/1.1\r\nHost: localhost\r\nX\x00A: b\r\n\r\n",
+        b"GET {p}/x\x00y HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"GET {p}/x HTTP/1.1\r\nHost: localhost\r\nX A: b\r\n\r\n",
+        b"GET {p}/x HTTP/1.1\r\nHost: localhost\r\nX-A: a\x7fb\r\n\r\n",
+    ]:
+        await front.refused(vector)
+
+
+async def test_chunk_size_and_extension_abuse_is_refused(front):
+    for chunks in [
+        b"0x3\r\nabc\r\n0\r\n\r\n", b"+3\r\nabc\r\n0\r\n\r\n", b"-3\r\nabc\r\n0\r\n\r\n",
+        b"3 \r\nabc\r\n0\r\n\r\n", b"3;a\nb\r\nabc\r\n0\r\n\r\n",
+        b"3\nabc\n0\n\n", b"3\r\nabcXX0\r\n\r\n",
+        # Shorter than announced: the rest is not a request of its own.
+        b"5\r\nabc\r\n0\r\n\r\n" + SMUGGLED,
+    ]:
+        await front.refused(CHUNKED + b"\r\n" + chunks)
+    # Extensions are framing: read, never relayed. Leading zeros are still a size.
+    close = b"Connection: close\r\n"
+    for chunks in [b"3;name=value\r\nabc\r\n0\r\n\r\n", b'3;a="b c"\r\nabc\r\n0\r\n\r\n',
+                   b"3;" + b"e" * 4000 + b"\r\nabc\r\n0\r\n\r\n",
+                   b"0" * 1000 + b"3\r\nabc\r\n0\r\n\r\n"]:
+        await front.served(CHUNKED + close + b"\r\n" + chunks)
+
+
+async def test_only_http_1_0_and_1_1_are_spoken(front):
+    for request_line in [b"GET {p}/x HTTP/2.0", b"GET {p}/x", b"GET {p}/x HTTP/1.2",
+                         b"GET {p}/x HTTP/3.0", b"GET {p}/x HTTP/1", b"GET {p}/x http/1.1",
+                         b"GET {p}/x HTTP/01.1"]:
+        await front.refused(request_line + b"\r\nHost: localhost\r\n\r\n")
+    # The HTTP/2 connection preface, as a prior-knowledge h2 client sends it.
+    await front.refused(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+    # Refused while parsing, and audited as such: nothing of the request is trusted.
+    records = await wait_for_audit(front.sidecar, 2 * 8)
+    assert {(r["direction"], r["method"], r["route"], r["status"], r["reason"], r["decision"])
+            for r in records} == {
+        (direction, "OTHER", "/{invalid}", 400, "bad_request", "denied")
+        for direction in ("outbound", "inbound")}
+
+
+async def test_a_second_or_missing_host_is_refused(front):
+    await front.refused(b"GET {p}/x HTTP/1.1\r\nHost: localhost\r\nHost: payer\r\n\r\n")
+    await front.refused(b"GET {p}/x HTTP/1.1\r\nConnection: close\r\n\r\n")
+
+
+async def test_an_absolute_target_wins_over_host_and_host_never_travels(front):
+    for port in (front.sidecar.outbound, front.sidecar.inbound):
+        reply = await exchange(port, b"GET http://payer/x HTTP/1.1\r\nHost: evil\r\n"
+                                     b"Connection: close\r\n\r\n")
+        assert reply.statuses == [200]
+    # Outbound the absolute form named the service; inbound only its path counts.
+    assert [seen.path for seen in front.app.seen] == ["/x", "/x"]
+    assert {seen.headers["host"] for seen in front.app.seen} == {
+        f"127.0.0.1:{front.app.port}"}
+
+
+async def test_nothing_after_a_refused_upgrade_is_read(front):
+    async def no_websockets(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"websocket": False}, status=404)
+
+    front.app.script = no_websockets
+    websocket = (b"GET {p}/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    h2c = (b"GET {p}/x HTTP/1.1\r\nHost: localhost\r\nUpgrade: h2c\r\n"
+           b"HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
+           b"Connection: Upgrade, HTTP2-Settings\r\n\r\n")
+    for vector in (websocket, h2c):
+        for reply in await front.send(vector + SMUGGLED):
+            assert reply.statuses == [404] and reply.closed, reply.data[:400]
+    assert front.app.paths() == ["/x"] * 4
+    # h2c is never forwarded: its headers are hop-by-hop.
+    for seen in front.app.seen[2:]:
+        assert not {"upgrade", "http2-settings"} & set(seen.headers)
+
+
+async def test_trailers_never_travel_and_framing_in_them_is_refused(front):
+    """Trailers that name framing or routing headers: llhttp refuses them. The
+    Python parser reads and drops every trailer (RFC 9110 6.5.1 lets it), so
+    there the request is served without them and what follows is a request
+    of its own, checked like any other."""
+    close = b"Connection: close\r\n"
+    seen = await front.served(CHUNKED + close + b"\r\n3\r\nabc\r\n0\r\nX-Sum: 1\r\n\r\n")
+    assert not any("x-sum" in one.headers for one in seen)
+    for trailer in (b"Content-Length: 50", b"Transfer-Encoding: chunked", b"Host: evil"):
+        chunks = b"\r\n3\r\nabc\r\n0\r\n" + trailer + b"\r\n\r\n"
+        if front.parser == "llhttp":
+            await front.refused(CHUNKED + chunks + SMUGGLED)
+        else:
+            await front.served(CHUNKED + close + chunks)
