@@ -26,6 +26,7 @@ from aiohttp import hdrs, web, web_protocol
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.streams import StreamReader
 
 from sidecar.config.settings import Limits
@@ -71,6 +72,17 @@ class Answer(StreamAnswer, web.Response):
 
 class WebSocketAnswer(StreamAnswer, web.WebSocketResponse):
     """The client side of a relayed WebSocket: a 101 with no `Server` of aiohttp's own."""
+
+
+def parser_in_use() -> str:
+    """`llhttp` when aiohttp parses requests with its C parser, `python` otherwise.
+
+    The Python parser is what aiohttp falls back to without its compiled
+    extensions (or with `AIOHTTP_NO_EXTENSIONS` set): it refuses the same
+    smuggling vectors but is laxer with chunk extensions and trailers, and
+    slower. The protocol takes its parser class from this module-level name.
+    """
+    return "python" if web_protocol.HttpRequestParser is HttpRequestParserPy else "llhttp"
 
 
 def refusal(reason: str, detail: str, *, answer_headers: dict[str, str],

@@ -59,6 +59,7 @@ FIELDS = frozenset(
         "task",
         "version",
         "detail",
+        "http_parser",
     }
 )
 

@@ -12,6 +12,7 @@ smuggled behind another.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -72,7 +73,18 @@ async def front(request, make_mesh, upstreams) -> Front:
         limits={"idle_timeout": "1s"})
     sidecar.env.update(PARSERS[request.param])
     await sidecar.start()
+    # The sidecar checks which parser it runs and says so when it starts.
+    assert started_with(sidecar)["http_parser"] == request.param
     return Front(sidecar, app, request.param)
+
+
+def started_with(sidecar: SidecarProcess) -> dict[str, object]:
+    """The sidecar's start-up log line."""
+    for line in sidecar.stdout_path.read_text().splitlines():
+        record = json.loads(line)
+        if record["msg"] == "sidecar started":
+            return record
+    raise AssertionError("no start-up log line")
 
 
 async def test_ambiguous_or_malformed_lengths_are_refused(front):
