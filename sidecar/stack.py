@@ -279,6 +279,12 @@ class MalformedBody(RequestBodyError):
     """The request body's framing broke mid-stream (a bad chunk)."""
 
 
+class BodyStalled(RequestBodyError):
+    """The request body moved no byte for `limits.idle_timeout` while streaming."""
+
+    reason = "body_stalled"
+
+
 class UpstreamError(Exception):
     """A call to an upstream failed before a response began.
 

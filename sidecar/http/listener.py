@@ -119,6 +119,16 @@ def unspoken(request: web.BaseRequest) -> str | None:
     return None
 
 
+def close_now(request: web.BaseRequest) -> None:
+    """Close the connection once what was written is out, without reading on.
+
+    aiohttp lingers on a body left unread (up to 10 s) so that a client still
+    sending sees the answer; for a body that will not come, or one whose
+    framing is not understood, that is only a connection held.
+    """
+    request.protocol.force_close()
+
+
 class OtherVersion(web.BaseRequest):
     """A request in a version the sidecar does not speak, to be refused.
 
@@ -254,7 +264,7 @@ class GuardedServer(web.Server):
         # whose framing is not understood is not read (aiohttp would linger on it).
         await response.prepare(request)
         await response.write_eof()
-        request.protocol.force_close()
+        close_now(request)
         return response
 
     def _make_request(self, message: RawRequestMessage, payload: StreamReader,

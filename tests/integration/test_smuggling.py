@@ -221,3 +221,29 @@ async def test_trailers_never_travel_and_framing_in_them_is_refused(front):
             await front.refused(CHUNKED + chunks + SMUGGLED)
         else:
             await front.served(CHUNKED + close + chunks)
+
+
+async def test_where_the_parsers_differ_on_chunks_nothing_unframed_is_relayed(front):
+    """llhttp refuses a CR in a chunk extension and a chunk size past 2^64; the
+    Python parser drops the one and waits for the other, as it waits for any
+    chunk that never comes (408 `body_stalled`). It refuses an extension longer
+    than a header line, which llhttp skips unread. Either way the app gets
+    only bodies the sidecar framed itself, and nothing behind them."""
+    close = b"Connection: close\r\n"
+    cr_in_extension = b"3;a\rb\r\nabc\r\n0\r\n\r\n"
+    long_extension = b"3;" + b"e" * 100_000 + b"\r\nabc\r\n0\r\n\r\n"
+    past_2_64 = b"10000000000000003\r\nabc\r\n0\r\n\r\n"
+    if front.parser == "llhttp":
+        await front.refused(CHUNKED + b"\r\n" + cr_in_extension)
+        await front.refused(CHUNKED + b"\r\n" + past_2_64 + SMUGGLED)
+        await front.served(CHUNKED + close + b"\r\n" + long_extension)
+    else:
+        await front.served(CHUNKED + close + b"\r\n" + cr_in_extension)
+        for reply in await front.send(CHUNKED + b"\r\n" + past_2_64 + SMUGGLED):
+            assert reply.statuses == [408] and reply.closed
+        await front.refused(CHUNKED + b"\r\n" + long_extension)
+    # A chunk announced past the body limit waits like any other, whatever the parser.
+    for reply in await front.send(CHUNKED + b"\r\nfffffff\r\nabc\r\n0\r\n\r\n" + SMUGGLED):
+        assert reply.statuses == [408] and reply.closed
+        assert reply.header("x-sidecar-reason") == "body_stalled"
+    assert front.app.seen == []
