@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from tests.integration.resilience_support import wait_until
 from tests.integration.test_core import wait_for_audit
 from tests.support.raw import exchange
 from tests.support.upstream import Upstream
@@ -15,14 +16,6 @@ from tests.support.upstream import Upstream
 pytestmark = pytest.mark.timeout(120)
 
 STALLED = 20  # uploads per listener that stop after ten of their hundred bytes
-
-
-async def until(condition, what: str, *, tries: int = 400) -> None:
-    for _ in range(tries):
-        if condition():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"never happened: {what}")
 
 
 async def test_a_stalled_upload_is_cut_with_408_and_its_app_connection_released(
@@ -43,7 +36,10 @@ async def test_a_stalled_upload_is_cut_with_408_and_its_app_connection_released(
     uploads.append(exchange(a.outbound, stalled.replace(b"{p}", b"/buffered")))
     running = [asyncio.ensure_future(upload) for upload in uploads]
     # Each streamed upload holds a connection to the app while it lasts...
-    await until(lambda: app.open_connections() == 2 * STALLED, "the uploads to reach the app")
+    async def held() -> bool:
+        return app.open_connections() == 2 * STALLED
+
+    await wait_until(held, "the uploads to reach the app")
     replies = await asyncio.gather(*running)
     for reply in replies:
         assert reply.statuses == [408], reply.data[:300]
@@ -51,7 +47,7 @@ async def test_a_stalled_upload_is_cut_with_408_and_its_app_connection_released(
         assert reply.closed
     # ...and none once it is cut: the app got no whole request.
     assert app.seen == []
-    await until(lambda: app.open_connections() == 0, "the app's connections to close")
+    await wait_until(app.closed_all, "the app's connections to close")
     records = await wait_for_audit(a, 2 * STALLED + 1)
     assert {(r["status"], r["reason"], r["decision"]) for r in records} == {
         (408, "body_stalled", "denied")}
