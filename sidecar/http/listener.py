@@ -247,6 +247,9 @@ class GuardedServer(web.Server):
             keepalive_timeout=limits.idle_timeout,
             access_log=None,
             handler_cancellation=True,
+            # A body goes on as it came: a gzip upload stays gzip (and its
+            # Content-Length stays true).
+            auto_decompress=False,
             **kwargs,
         )
         self.header_timeout = limits.header_timeout

@@ -5,7 +5,9 @@ reader of a large answer."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 
+import aiohttp
 import pytest
 
 from tests.integration.resilience_support import wait_until
@@ -51,3 +53,28 @@ async def test_a_stalled_upload_is_cut_with_408_and_its_app_connection_released(
     records = await wait_for_audit(a, 2 * STALLED + 1)
     assert {(r["status"], r["reason"], r["decision"]) for r in records} == {
         (408, "body_stalled", "denied")}
+
+
+async def test_compressed_bodies_pass_both_ways_as_they_are(make_mesh, canned):
+    answer = gzip.compress(b"answer " * 200)
+
+    def gzipped(method: str, path: str) -> bytes:
+        return (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n"
+                % len(answer) + answer)
+
+    app = await canned(gzipped).start()
+    mesh = make_mesh(["a", "b"])
+    b = await mesh.sidecar("b", inbound={"app": app.url}).start()
+    a = await mesh.sidecar("a", services={"b": {"endpoints": [b.inbound_url]}}).start()
+    upload = gzip.compress(b"request " * 200)
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        async with session.post(a.outbound_url + "/b/x", data=upload, headers={
+            "Content-Encoding": "gzip", "Accept-Encoding": "gzip",
+        }) as response:
+            assert response.status == 200
+            assert response.headers["Content-Encoding"] == "gzip"
+            assert await response.read() == answer
+    assert app.bodies == [upload]
+    assert app.header(0, "Content-Encoding") == "gzip"
+    assert app.header(0, "Accept-Encoding") == "gzip"
+

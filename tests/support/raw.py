@@ -36,12 +36,7 @@ class Exchange:
 
     def header(self, name: str) -> str | None:
         """The first response's header `name` (case-insensitive), or None."""
-        head = self.data.split(b"\r\n\r\n", 1)[0]
-        for line in head.split(b"\r\n")[1:]:
-            key, _, value = line.partition(b":")
-            if key.strip().lower() == name.lower().encode():
-                return value.strip().decode("latin-1")
-        return None
+        return header_of(self.data.split(b"\r\n\r\n", 1)[0], name)
 
     def header_names(self) -> set[str]:
         """The lower-cased header names of the first response."""
@@ -79,12 +74,14 @@ class CannedUpstream:
     """An app on 127.0.0.1 that answers each request with the bytes
     `answer(method, path)` gives.
 
-    It reads only request heads (a request with a body is not expected), keeps
-    them in `heads`, and keeps each connection open for the next request.
+    It keeps each request head in `heads` and each body in `bodies` (bodies
+    framed by Content-Length only), and each connection open for the next
+    request.
     """
 
     answer: Callable[[str, str], bytes]
     heads: list[bytes] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
     port: int = 0
     _server: asyncio.Server | None = None
     _writers: list[asyncio.StreamWriter] = field(default_factory=list)
@@ -109,12 +106,18 @@ class CannedUpstream:
                 head = await reader.readuntil(b"\r\n\r\n")
                 method, path, _ = head.decode("latin-1").split(" ", 2)
                 self.heads.append(head)
+                self.bodies.append(await reader.readexactly(
+                    int(header_of(head, "Content-Length") or 0)))
                 writer.write(self.answer(method, path))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
             writer.close()
+
+    def header(self, index: int, name: str) -> str | None:
+        """Header `name` of the `index`th request head, or None."""
+        return header_of(self.heads[index], name)
 
     async def stop(self) -> None:
         for writer in self._writers:
@@ -123,3 +126,12 @@ class CannedUpstream:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+
+
+def header_of(head: bytes, name: str) -> str | None:
+    """Header `name` (case-insensitive) of a message head, or None."""
+    for line in head.split(b"\r\n")[1:]:
+        key, _, value = line.partition(b":")
+        if key.strip().lower() == name.lower().encode():
+            return value.strip().decode("latin-1")
+    return None
