@@ -19,6 +19,8 @@ import pytest
 from aiohttp import web
 
 from deploy.process import SidecarProcess
+from sidecar.identity import keys
+from sidecar.identity.tokens import Minter
 from tests.integration.test_core import wait_for_audit
 from tests.support.raw import Exchange, exchange
 from tests.support.upstream import Seen, Upstream
@@ -247,3 +249,91 @@ async def test_where_the_parsers_differ_on_chunks_nothing_unframed_is_relayed(fr
         assert reply.statuses == [408] and reply.closed
         assert reply.header("x-sidecar-reason") == "body_stalled"
     assert front.app.seen == []
+
+
+@pytest.fixture(params=list(PARSERS))
+async def mesh_front(request, make_mesh, upstreams):
+    """a -> b -> app, both sidecars on the same parser."""
+    app = await upstreams().start()
+    mesh = make_mesh(["a", "b"])
+    b = mesh.sidecar("b", inbound={"app": app.url})
+    b.env.update(PARSERS[request.param])
+    await b.start()
+    a = mesh.sidecar("a", services={"b": {"endpoints": [b.inbound_url]}})
+    a.env.update(PARSERS[request.param])
+    await a.start()
+    return mesh, a, b, app
+
+
+async def test_connection_cannot_strip_or_forge_an_identity(mesh_front):
+    mesh, a, b, app = mesh_front
+    spoofed = (b"x-source-service: admin\r\nx-service-token: forged\r\n"
+               b"x-sidecar-attempts: 9\r\nx-sidecar-reason: policy_denied\r\n")
+    reply = await exchange(a.outbound, b"GET /b/claims HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Connection: close, x-service-token, x-source-service\r\n"
+                           + spoofed + b"\r\n")
+    assert reply.statuses == [200]
+    seen = app.seen[0].headers
+    # a's token still went to b, and b named the caller itself.
+    assert seen["x-source-service"] == "a"
+    assert "x-service-token" not in seen
+    assert not any(name.startswith("x-sidecar-") for name in seen)
+    # Straight to b: naming the token hop-by-hop only removes it (no token, no call),
+    # and a spoofed caller is replaced by the verified one.
+    ring = mesh.keyring
+    key = keys.load_private_key(ring.private_key("a"), ring.algorithm)
+    token = Minter(service="a", algorithm=ring.algorithm, key=key, ttl=60).token_for("b")
+    head = b"GET /claims HTTP/1.1\r\nHost: b\r\nx-service-token: " + token.encode() + b"\r\n"
+    reply = await exchange(b.inbound, head + b"Connection: close, x-service-token\r\n\r\n")
+    assert reply.statuses == [401]
+    assert reply.header("x-sidecar-reason") == "token_missing"
+    reply = await exchange(b.inbound, head + b"Connection: close, x-source-service\r\n"
+                                             b"x-source-service: admin\r\n\r\n")
+    assert reply.statuses == [200]
+    assert [seen.headers["x-source-service"] for seen in app.seen] == ["a", "a"]
+
+
+async def test_spoofed_forwarding_headers_neither_route_nor_name_anyone(mesh_front):
+    _mesh, a, _b, app = mesh_front
+    forwarded = (b"X-Forwarded-For: 10.9.9.9\r\nX-Forwarded-Host: b\r\n"
+                 b"X-Forwarded-Proto: https\r\nForwarded: for=10.9.9.9;host=b\r\n")
+    reply = await exchange(a.outbound, b"GET /claims HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Connection: close\r\n" + forwarded + b"\r\n")
+    assert reply.statuses == [404] and reply.header("x-sidecar-reason") == "no_route"
+    assert app.seen == []
+    # Routed by what SPEC says, they pass on as sent: the sidecar neither adds nor trusts them.
+    reply = await exchange(a.outbound, b"GET /b/claims HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Connection: close\r\n" + forwarded + b"\r\n")
+    assert reply.statuses == [200]
+    seen = app.seen[0].headers
+    assert seen["x-forwarded-for"] == "10.9.9.9" and seen["x-source-service"] == "a"
+
+
+async def test_cr_lf_or_nul_in_an_upstreams_header_never_reaches_the_client(
+    make_mesh, canned
+):
+    answers = {
+        "/cr": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: a\rSet-Cookie: evil=1\r\n\r\nok",
+        "/nul": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: a\x00b\r\n\r\nok",
+        "/lf": b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-A: a\nX-B: b\r\n\r\nok",
+    }
+    app = await canned(lambda method, path: answers[path.removeprefix("/claims")]).start()
+    # One sidecar per parser: the client side parses what the app answers.
+    mesh = make_mesh(list(PARSERS))
+    for parser, env in PARSERS.items():
+        sidecar = mesh.sidecar(parser, inbound={"app": app.url, "public_paths": ["/*"]})
+        sidecar.env.update(env)
+        await sidecar.start()
+        for path in answers:
+            reply = await exchange(sidecar.inbound, f"GET /claims{path} HTTP/1.1\r\n"
+                                   "Host: b\r\nConnection: close\r\n\r\n".encode())
+            head = reply.data.split(b"\r\n\r\n", 1)[0]
+            # Whatever is relayed is well-formed, line by line.
+            assert b"\x00" not in head and b"\r" not in head.replace(b"\r\n", b"")
+            assert b"\n" not in head.replace(b"\r\n", b""), (parser, path)
+            if path == "/lf":
+                # A bare LF is read as a line end (RFC 9112 2.2 lets a recipient).
+                assert reply.statuses == [200] and reply.header("X-B") == "b"
+            else:
+                assert reply.statuses == [502], (parser, path, reply.data[:300])
+                assert reply.header("x-sidecar-reason") == "upstream_reset"
