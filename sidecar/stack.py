@@ -280,9 +280,13 @@ class MalformedBody(RequestBodyError):
 
 
 class BodyStalled(RequestBodyError):
-    """The request body moved no byte for `limits.idle_timeout` while streaming."""
+    """The request body moved no byte for `seconds` (`limits.idle_timeout`) while streaming."""
 
     reason = "body_stalled"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
 
 
 class UpstreamError(Exception):

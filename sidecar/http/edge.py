@@ -64,7 +64,9 @@ async def _limited(request: web.BaseRequest, limit: int,
             except StopAsyncIteration:
                 return
             except TimeoutError:
-                raise BodyStalled from None
+                if idle is None:
+                    raise
+                raise BodyStalled(idle) from None
             seen += len(chunk)
             if seen > limit:
                 raise BodyTooLarge

@@ -61,10 +61,10 @@ def check_headers(*, max_header_line: int) -> Layer:
     return check_headers_layer
 
 
-def check_body(*, max_request_body: int, idle_timeout: float) -> Layer:
+def check_body(*, max_request_body: int) -> Layer:
     """Refuses a body over the limit with 413 `body_too_large`: at once when
     Content-Length says so, or as soon as a streamed body passes it. A body
-    that moves no byte for `idle_timeout` is 408 `body_stalled`; one whose
+    that moves no byte for `limits.idle_timeout` is 408 `body_stalled`; one whose
     framing breaks mid-stream is 400 `bad_request`. (Once an answer has
     begun, a body that fails ends the call as a cut connection instead.)"""
 
@@ -75,11 +75,11 @@ def check_body(*, max_request_body: int, idle_timeout: float) -> Layer:
             return await next(call)
         except BodyTooLarge:
             return _too_large(max_request_body)
-        except BodyStalled:
+        except BodyStalled as stalled:
             return problem.reply(
                 "body_stalled",
                 f"The request body stopped: no byte of it came for "
-                f"{round(idle_timeout * 1000)} ms (limits.idle_timeout). The connection "
+                f"{round(stalled.seconds * 1000)} ms (limits.idle_timeout). The connection "
                 "is closed; send the body again without such a pause.",
             )
         except RequestBodyError:

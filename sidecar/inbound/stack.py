@@ -49,8 +49,7 @@ def build(
         normalise_path(routes=app.routes),
         # A body over limits.max_request_body is refused before the app sees it (413);
         # one that stalls for limits.idle_timeout ends the call (408).
-        guards.check_body(max_request_body=limits.max_request_body,
-                          idle_timeout=limits.idle_timeout),
+        guards.check_body(max_request_body=limits.max_request_body),
         # Who is calling: a verified token, or 401. Sets x-source-service.
         verify_token(service=service, verifier=verifier,
                      is_public=policy.is_public),

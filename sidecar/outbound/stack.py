@@ -59,8 +59,7 @@ def build(
         metrics.track_in_flight(metrics=stats, direction="outbound"),
         # A body over limits.max_request_body never leaves: 413; one that stalls
         # for limits.idle_timeout: 408.
-        guards.check_body(max_request_body=limits.max_request_body,
-                          idle_timeout=limits.idle_timeout),
+        guards.check_body(max_request_body=limits.max_request_body),
         # Failures no inner layer answered become problem+json (503/502/504).
         guards.answer_failures(who=""),
         # One budget for the whole call: queueing, every attempt and every delay.

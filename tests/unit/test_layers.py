@@ -196,7 +196,7 @@ async def test_answer_failures_maps_upstream_errors(kind: str, status: int, reas
 
 
 async def test_check_body_refuses_by_length_and_while_streaming() -> None:
-    layer = guards.check_body(max_request_body=10, idle_timeout=60)
+    layer = guards.check_body(max_request_body=10)
     downstream = Next()
     big = call("/x", method="POST")
     big.body = Body(data=b"x" * 11)
@@ -207,7 +207,7 @@ async def test_check_body_refuses_by_length_and_while_streaming() -> None:
     assert reply.status == 413 and reply.reason == "body_too_large"
     broken = await layer(call("/x", method="POST"), Next(MalformedBody()))
     assert broken.status == 400 and broken.reason == "bad_request"
-    stalled = await layer(call("/x", method="POST"), Next(BodyStalled()))
+    stalled = await layer(call("/x", method="POST"), Next(BodyStalled(60)))
     assert stalled.status == 408 and stalled.reason == "body_stalled"
     assert b"60000 ms" in stalled.body  # type: ignore[operator]
 
