@@ -8,6 +8,7 @@ hand-made app, so each answer crosses both sidecars' edges.
 from __future__ import annotations
 
 import pytest
+from aiohttp import web
 
 from tests.support.raw import exchange
 
@@ -63,3 +64,22 @@ async def test_the_sidecars_own_answers_name_no_software(make_mesh, canned):
         assert "server" not in reply.header_names()
         assert reply.header("Content-Type") == "application/problem+json"
     assert app.heads == []
+
+
+async def test_an_accepted_websocket_names_no_software(make_mesh, upstreams):
+    async def accept(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.close()
+        return ws
+
+    app = await upstreams(script=accept).start()
+    mesh = make_mesh(["a", "b"])
+    b = await mesh.sidecar("b", inbound={"app": app.url, "policy": EVERY_METHOD}).start()
+    a = await mesh.sidecar("a", services={"b": {"endpoints": [b.inbound_url]}}).start()
+    reply = await exchange(a.outbound, b"GET /b/claims/ws HTTP/1.1\r\nHost: localhost\r\n"
+                           b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           b"Sec-WebSocket-Version: 13\r\n"
+                           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", within=3)
+    assert reply.status == 101
+    assert "server" not in reply.header_names()
