@@ -288,9 +288,11 @@ async def test_connection_cannot_strip_or_forge_an_identity(mesh_front):
     assert reply.statuses == [401]
     assert reply.header("x-sidecar-reason") == "token_missing"
     reply = await exchange(b.inbound, head + b"Connection: close, x-source-service\r\n"
-                                             b"x-source-service: admin\r\n\r\n")
+                                             b"x-source-service: admin\r\n"
+                                             b"x-sidecar-reason: policy_denied\r\n\r\n")
     assert reply.statuses == [200]
     assert [seen.headers["x-source-service"] for seen in app.seen] == ["a", "a"]
+    assert not any(name.startswith("x-sidecar-") for name in app.seen[1].headers)
 
 
 async def test_spoofed_forwarding_headers_neither_route_nor_name_anyone(mesh_front):
