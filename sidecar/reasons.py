@@ -38,6 +38,8 @@ _ROWS = (
     Reason("bad_request", 400, "Bad request", denial=True),
     Reason("headers_too_large", 431, "Request headers too large", denial=True),
     Reason("body_too_large", 413, "Request body too large", denial=True),
+    # Not in SPEC's table: a request body that stopped moving (Envoy's stream idle timeout).
+    Reason("body_stalled", 408, "Request body stalled", denial=True),
     # Not in SPEC's table: the last-resort answer when the sidecar itself failed.
     Reason("internal_error", 500, "Internal error"),
 )

@@ -87,13 +87,19 @@ class Sidecar:
         host, port = config.listen.admin
         self._listeners["admin"] = await listener.start_app(admin_app(self), host, port)
         self.listening = True
+        parser = listener.parser_in_use()
         log.info("sidecar started", extra={
             "service": config.service,
             "listeners": {name: f"{h}:{p}" for name, (h, p) in self.addresses().items()},
             "services": sorted(config.services),
             "policy_rules": len(config.inbound.policy or ()),
             "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+            "http_parser": parser,
         })
+        if parser != "llhttp":
+            log.warning("aiohttp's C HTTP parser is not in use: requests are parsed by its "
+                        "slower, laxer Python parser (AIOHTTP_NO_EXTENSIONS set, or no "
+                        "compiled extension for this platform)", extra={"http_parser": parser})
 
     async def _listen(self, name: str, handler: listener.RawHandler,
                       address: tuple[str, int], limits: Limits) -> None:

@@ -279,6 +279,16 @@ class MalformedBody(RequestBodyError):
     """The request body's framing broke mid-stream (a bad chunk)."""
 
 
+class BodyStalled(RequestBodyError):
+    """The request body moved no byte for `seconds` (`limits.idle_timeout`) while streaming."""
+
+    reason = "body_stalled"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+
 class UpstreamError(Exception):
     """A call to an upstream failed before a response began.
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mesh import Mesh
+from tests.support.raw import CannedUpstream
 from tests.support.upstream import Upstream
 
 
@@ -31,6 +32,21 @@ async def upstreams() -> AsyncIterator[Callable[..., Upstream]]:
 
     def make(**kwargs: object) -> Upstream:
         upstream = Upstream(**kwargs)  # type: ignore[arg-type]
+        started.append(upstream)
+        return upstream
+
+    yield make
+    for upstream in started:
+        await upstream.stop()
+
+
+@pytest.fixture
+async def canned() -> AsyncIterator[Callable[..., CannedUpstream]]:
+    """Apps that answer hand-made bytes (`tests.support.raw.CannedUpstream`)."""
+    started: list[CannedUpstream] = []
+
+    def make(answer: Callable[[str, str], bytes]) -> CannedUpstream:
+        upstream = CannedUpstream(answer)
         started.append(upstream)
         return upstream
 

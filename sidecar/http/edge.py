@@ -12,43 +12,73 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadHttpMessage
 from multidict import CIMultiDict
 
 from sidecar.clock import SYSTEM_CLOCK, Clock
-from sidecar.http import websocket
+from sidecar.http import listener, websocket
 from sidecar.http.headers import BAGGAGE, SOURCE, TIMEOUT_MS, forwardable
-from sidecar.stack import Body, BodyTooLarge, Call, Direction, Handler, MalformedBody, Reply
+from sidecar.stack import (
+    Body,
+    BodyStalled,
+    BodyTooLarge,
+    Call,
+    Direction,
+    Handler,
+    MalformedBody,
+    Reply,
+)
 
 log = logging.getLogger("sidecar.http.edge")
 
+# Answers after which the rest of the connection cannot be trusted to frame a
+# next request: a malformed request, a body left unread, or one that stopped.
+CLOSING_STATUSES = frozenset({400, 408, 413})
 
 
-def request_body(request: web.BaseRequest, limit: int) -> Body:
+def request_body(request: web.BaseRequest, limit: int, idle: float | None = None) -> Body:
     if not request.body_exists:
         return Body.empty()
-    return Body(stream=_limited(request, limit), length=request.content_length)
+    return Body(stream=_limited(request, limit, idle), length=request.content_length)
 
 
-async def _limited(request: web.BaseRequest, limit: int) -> AsyncIterator[bytes]:
+async def _limited(request: web.BaseRequest, limit: int,
+                   idle: float | None) -> AsyncIterator[bytes]:
+    """The client's body, refused past `limit` bytes or after `idle` seconds without one.
+
+    The call's timers stand still while the body comes in (it is the
+    client's time), so this is what bounds a body that stops moving.
+    """
     seen = 0
     if request.headers.get("Expect", "").lower() == "100-continue":
         # The client waits for this before sending the body; it is sent only
         # once a layer wants the body, so refusals come before any upload.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    chunks = request.content.iter_any().__aiter__()
     try:
-        async for chunk in request.content.iter_any():
+        while True:
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await anext(chunks)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                if idle is None:
+                    raise
+                raise BodyStalled(idle) from None
             seen += len(chunk)
             if seen > limit:
                 raise BodyTooLarge
             yield chunk
-    except BadHttpMessage as exc:
+    except (BadHttpMessage, web.RequestPayloadError) as exc:
+        # Both parsers report a broken chunk as the payload's error.
         raise MalformedBody from exc
 
 
 def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
-            source: str = "anonymous", target: str = "", clock: Clock = SYSTEM_CLOCK) -> Call:
+            body_idle: float | None = None, source: str = "anonymous", target: str = "",
+            clock: Clock = SYSTEM_CLOCK) -> Call:
     url = request.rel_url
     call = Call(
         direction=direction,
@@ -60,7 +90,7 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
         # `Expect` is answered here, hop by hop.
         headers=forwardable(request.headers, drop=(BAGGAGE, SOURCE, "Expect"),
                             keep=(TIMEOUT_MS,)),
-        body=request_body(request, body_limit),
+        body=request_body(request, body_limit, body_idle),
         source=source,
         target=target,
         started=clock.monotonic(),
@@ -103,7 +133,7 @@ async def _write(request: web.BaseRequest, reply: Reply, *,
     length = headers.popall("Content-Length", None)
     if extra is not None:
         extra(reply, headers)
-    response = web.StreamResponse(status=reply.status, headers=headers)
+    response = listener.StreamAnswer(status=reply.status, headers=headers)
     head = request.method == "HEAD"
     if isinstance(reply.body, bytes):
         response.content_length = len(reply.body)
@@ -152,16 +182,24 @@ async def serve(request: web.BaseRequest, handler: Handler, direction: Direction
                 closing: Callable[[], bool], source: str = "anonymous", target: str = "",
                 idle: float | None = None, clock: Clock = SYSTEM_CLOCK) -> web.StreamResponse:
     """Run one request through a stack and answer it."""
-    call = to_call(request, direction, body_limit=body_limit, source=source, target=target,
-                   clock=clock)
+    call = to_call(request, direction, body_limit=body_limit, body_idle=idle, source=source,
+                   target=target, clock=clock)
     reply = await handler(call)
     if reply.upgrade is not None:
         headers: CIMultiDict[str] = CIMultiDict()
         extra(call, reply, headers)
         return await websocket.relay(request, reply, headers=headers)
-    return await write(
+    # After a refused upgrade the client may already be speaking the other
+    # protocol: nothing more on this connection is read as HTTP.
+    refused_upgrade = hdrs.UPGRADE in request.headers
+    response = await write(
         request, reply,
         extra=lambda reply, headers: extra(call, reply, headers),
-        close=closing() or reply.status == 400 or reply.status == 413,
+        close=closing() or reply.status in CLOSING_STATUSES or refused_upgrade,
         idle=idle,
     )
+    if reply.made_here and reply.reason == BodyStalled.reason:
+        # The client stopped sending: waiting on for the rest of its body
+        # (aiohttp would, for a while) would hold the connection for nothing.
+        listener.close_now(request)
+    return response

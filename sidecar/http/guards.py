@@ -7,6 +7,7 @@ import logging
 from sidecar.http import problem
 from sidecar.reasons import FAILURE_REASONS
 from sidecar.stack import (
+    BodyStalled,
     BodyTooLarge,
     Call,
     Handler,
@@ -63,7 +64,9 @@ def check_headers(*, max_header_line: int) -> Layer:
 def check_body(*, max_request_body: int) -> Layer:
     """Refuses a body over the limit with 413 `body_too_large`: at once when
     Content-Length says so, or as soon as a streamed body passes it. A body
-    whose framing breaks mid-stream is 400 `bad_request`."""
+    that moves no byte for `limits.idle_timeout` is 408 `body_stalled`; one whose
+    framing breaks mid-stream is 400 `bad_request`. (Once an answer has
+    begun, a body that fails ends the call as a cut connection instead.)"""
 
     async def check_body_layer(call: Call, next: Handler) -> Reply:
         if call.body.length is not None and call.body.length > max_request_body:
@@ -72,6 +75,13 @@ def check_body(*, max_request_body: int) -> Layer:
             return await next(call)
         except BodyTooLarge:
             return _too_large(max_request_body)
+        except BodyStalled as stalled:
+            return problem.reply(
+                "body_stalled",
+                f"The request body stopped: no byte of it came for "
+                f"{round(stalled.seconds * 1000)} ms (limits.idle_timeout). The connection "
+                "is closed; send the body again without such a pause.",
+            )
         except RequestBodyError:
             return problem.reply(
                 "bad_request",

@@ -3,12 +3,15 @@
 aiohttp answers malformed requests itself with text/plain; here those answers
 become problem+json (400 `bad_request`, 431 `headers_too_large`), exception
 text never reaches a log (it may quote a header), and a client slower than
-`header_timeout` to send its request headers is cut off.
+`header_timeout` to send its request headers is cut off. What aiohttp's
+parsers let through but the sidecar does not speak (another HTTP version, a
+transfer coding other than chunked) is refused the same way, before the
+request becomes a call.
 
 This is the one module that touches aiohttp's private attributes (the
 protocol's parser state, a site's server, the client session's hidden
-resend): each is named and explained here, so an aiohttp upgrade has one
-place to check.
+resend, the headers a response adds as it starts): each is named and
+explained here, so an aiohttp upgrade has one place to check.
 """
 
 from __future__ import annotations
@@ -19,8 +22,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
-from aiohttp import web, web_protocol
+from aiohttp import hdrs, web, web_protocol
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_parser import HttpRequestParserPy
+from aiohttp.streams import StreamReader
 
 from sidecar.config.settings import Limits
 from sidecar.http import problem
@@ -31,6 +38,103 @@ log = logging.getLogger("sidecar.http.listener")
 RawHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # Told of every request refused before it could become a call (for audit and metrics).
 OnRefused = Callable[[Reply], None]
+
+SPOKEN = (HttpVersion10, HttpVersion11)
+# More digits than any body this side of an exabyte: llhttp refuses a length past
+# 2^64 as malformed, and the Python parser is held to the same (RFC 9110 8.6).
+MAX_LENGTH_DIGITS = 18
+
+
+# What aiohttp writes into every answer unless told otherwise: `Server`, and
+# `Content-Type: application/octet-stream` on a body that names no type.
+ADDED_BY_AIOHTTP = (hdrs.SERVER, hdrs.CONTENT_TYPE)
+
+
+class StreamAnswer(web.StreamResponse):
+    """A streamed answer that carries no header aiohttp would add of its own.
+
+    A relayed answer keeps exactly the upstream's headers (an answer without
+    a type stays without one), and the sidecar's own answers name no
+    software. `Date` is still added when missing, as RFC 9110 6.6.1 asks of
+    a forwarder.
+    """
+
+    async def _prepare_headers(self) -> None:
+        absent = [name for name in ADDED_BY_AIOHTTP if name not in self.headers]
+        await super()._prepare_headers()
+        for name in absent:
+            self.headers.popall(name, None)
+
+
+class Answer(StreamAnswer, web.Response):
+    """A whole answer (a body in bytes) that adds no header of aiohttp's own."""
+
+
+class WebSocketAnswer(StreamAnswer, web.WebSocketResponse):
+    """The client side of a relayed WebSocket: a 101 with no `Server` of aiohttp's own."""
+
+
+def parser_in_use() -> str:
+    """`llhttp` when aiohttp parses requests with its C parser, `python` otherwise.
+
+    The Python parser is what aiohttp falls back to without its compiled
+    extensions (or with `AIOHTTP_NO_EXTENSIONS` set): it refuses the same
+    smuggling vectors but is laxer with chunk extensions and trailers, and
+    slower. The protocol takes its parser class from this module-level name.
+    """
+    return "python" if web_protocol.HttpRequestParser is HttpRequestParserPy else "llhttp"
+
+
+def refusal(reason: str, detail: str, *, answer_headers: dict[str, str],
+            on_refused: OnRefused | None) -> Answer:
+    """The answer to a request refused before it became a call: problem+json,
+    told to `on_refused` (audit, metrics), and the connection closed after it."""
+    reply = problem.reply(reason, detail, headers=answer_headers)
+    if on_refused is not None and reason != "internal_error":
+        on_refused(reply)
+    assert isinstance(reply.body, bytes)
+    response = Answer(status=reply.status, body=reply.body, headers=reply.headers)
+    response.force_close()
+    return response
+
+
+def unspoken(request: web.BaseRequest) -> str | None:
+    """Why a request the parser took is still not one the sidecar speaks, or None.
+
+    Only HTTP/1.0 and HTTP/1.1 are spoken (a client writing `HTTP/2.0` or no
+    version at all is not speaking them). The one transfer coding is
+    `chunked`, alone and in HTTP/1.1: any other would be relayed as if it
+    were the body itself. A length too long to be one is malformed.
+    """
+    if isinstance(request, OtherVersion):
+        return ("This sidecar speaks HTTP/1.0 and HTTP/1.1 only; the request line named "
+                "another version or none. The connection is closed.")
+    codings = request.headers.getall(hdrs.TRANSFER_ENCODING, [])
+    if codings and (request.version != HttpVersion11
+                    or ",".join(codings).strip().lower() != "chunked"):
+        return ("Transfer-Encoding may only be `chunked`, and only in HTTP/1.1: any other "
+                "leaves the body's length unclear. The connection is closed.")
+    if len(request.headers.get(hdrs.CONTENT_LENGTH, "").strip()) > MAX_LENGTH_DIGITS:
+        return "The Content-Length is not a length this sidecar reads. The connection is closed."
+    return None
+
+
+def close_now(request: web.BaseRequest) -> None:
+    """Close the connection once what was written is out, without reading on.
+
+    aiohttp lingers on a body left unread (up to 10 s) so that a client still
+    sending sees the answer; for a body that will not come, or one whose
+    framing is not understood, that is only a connection held.
+    """
+    request.protocol.force_close()
+
+
+class OtherVersion(web.BaseRequest):
+    """A request in a version the sidecar does not speak, to be refused.
+
+    It is made to read as HTTP/1.1 so that the refusal's status line is one the
+    client can read (RFC 9112 2.3: answer in the highest version spoken).
+    """
 
 
 class GuardedProtocol(web_protocol.RequestHandler):
@@ -123,35 +227,56 @@ class GuardedProtocol(web_protocol.RequestHandler):
                 "Content-Length and Transfer-Encoding). The connection is closed.")
         else:
             reason, detail = "internal_error", "The sidecar failed on this request."
-        reply = problem.reply(reason, detail, headers=self.answer_headers)
-        if self.on_refused is not None and reason != "internal_error":
-            self.on_refused(reply)
-        assert isinstance(reply.body, bytes)
-        response = web.Response(status=reply.status, body=reply.body, headers=reply.headers)
-        response.force_close()
-        return response
+        return refusal(reason, detail, answer_headers=self.answer_headers,
+                       on_refused=self.on_refused)
 
 
 class GuardedServer(web.Server):
-    """A low-level server whose connections are `GuardedProtocol`s."""
+    """A low-level server whose connections are `GuardedProtocol`s, and which
+    refuses what its parser took but the sidecar does not speak (`unspoken`)."""
 
     def __init__(self, handler: RawHandler, *, limits: Limits,
                  on_refused: OnRefused | None = None,
                  answer_headers: dict[str, str] | None = None, **kwargs: Any) -> None:
+        self._inner = handler
         super().__init__(
-            handler,
+            self._checked,
             max_line_size=limits.max_header_line,
             max_field_size=limits.max_header_line,
             max_headers=limits.max_headers,
             keepalive_timeout=limits.idle_timeout,
             access_log=None,
             handler_cancellation=True,
+            # A body goes on as it came: a gzip upload stays gzip (and its
+            # Content-Length stays true).
+            auto_decompress=False,
             **kwargs,
         )
         self.header_timeout = limits.header_timeout
         self.max_headers = limits.max_headers
         self.on_refused = on_refused
         self.answer_headers = answer_headers or {}
+
+    async def _checked(self, request: web.BaseRequest) -> web.StreamResponse:
+        detail = unspoken(request)
+        if detail is None:
+            return await self._inner(request)
+        response = refusal("bad_request", detail, answer_headers=self.answer_headers,
+                           on_refused=self.on_refused)
+        # Closed as soon as the answer is out, as after a parse error: a body
+        # whose framing is not understood is not read (aiohttp would linger on it).
+        await response.prepare(request)
+        await response.write_eof()
+        close_now(request)
+        return response
+
+    def _make_request(self, message: RawRequestMessage, payload: StreamReader,
+                      protocol: web_protocol.RequestHandler, writer: AbstractStreamWriter,
+                      task: asyncio.Task[None]) -> web.BaseRequest:
+        if message.version in SPOKEN:
+            return super()._make_request(message, payload, protocol, writer, task)
+        message = message._replace(version=HttpVersion11, should_close=True)
+        return OtherVersion(message, payload, protocol, writer, task, self._loop)
 
     def __call__(self) -> GuardedProtocol:
         protocol = GuardedProtocol(self, loop=self._loop, **self._kwargs)

@@ -16,7 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.http import problem
+from sidecar.http import listener, problem
 from sidecar.http.headers import REASON, forwardable
 from sidecar.reasons import REASONS, relayed
 from sidecar.stack import Call, Reply
@@ -66,7 +66,7 @@ async def relay(request: web.BaseRequest, reply: Reply, *,
     """Accept the client's upgrade (with `headers`) and relay frames until either side closes."""
     upstream = reply.upgrade
     assert upstream is not None, "relay takes a 101 reply"
-    client = web.WebSocketResponse(
+    client = listener.WebSocketAnswer(
         protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False,
         max_msg_size=0,
     )

@@ -47,7 +47,8 @@ def build(
         guards.check_headers(max_header_line=limits.max_header_line),
         # The path the policy judges is the path the app gets: normalise first.
         normalise_path(routes=app.routes),
-        # A body over limits.max_request_body is refused before the app sees it.
+        # A body over limits.max_request_body is refused before the app sees it (413);
+        # one that stalls for limits.idle_timeout ends the call (408).
         guards.check_body(max_request_body=limits.max_request_body),
         # Who is calling: a verified token, or 401. Sets x-source-service.
         verify_token(service=service, verifier=verifier,

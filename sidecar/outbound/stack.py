@@ -57,7 +57,8 @@ def build(
         routing.route(targets=targets, local_hosts=local_hosts),
         # In-flight gauge per target: needs the target, so after routing.
         metrics.track_in_flight(metrics=stats, direction="outbound"),
-        # A body over limits.max_request_body never leaves: 413.
+        # A body over limits.max_request_body never leaves: 413; one that stalls
+        # for limits.idle_timeout: 408.
         guards.check_body(max_request_body=limits.max_request_body),
         # Failures no inner layer answered become problem+json (503/502/504).
         guards.answer_failures(who=""),

@@ -1,15 +1,16 @@
 """Time limits: one deadline for the whole call, and a bound on each attempt.
 
 `deadline` sits outside bulkhead and retry so that waiting for a slot, every
-attempt and every delay between attempts all spend the same budget.
-`per_attempt` sits innermost, next to the transport, so it bounds exactly one
-exchange and tells the far sidecar how long this attempt may take.
+attempt and every delay between attempts all spend the same budget; it bounds
+the answer's body too, as Envoy's route timeout does. `per_attempt` sits
+innermost, next to the transport, so it bounds exactly one wait for an answer
+to begin, and tells the far sidecar how long it may hold the whole exchange.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.http import problem
@@ -59,7 +60,8 @@ def deadline(*, clock: Clock) -> Layer:
     the time left from `per_attempt` instead. Sits outside bulkhead and retry
     so the limit covers queueing, every attempt and every delay. An inner
     `UpstreamError("timeout")` (an attempt cut short by this same deadline)
-    gets the same answer.
+    gets the same answer. When the deadline passes while the answer's body
+    is still coming, the body breaks off (`until_deadline`).
     """
 
     async def deadline_layer(call: Call, next: Handler) -> Reply:
@@ -83,16 +85,45 @@ def deadline(*, clock: Clock) -> Layer:
         try:
             async with scope:
                 pause_while_receiving(call, scope, restart=restart, pause=pause)
-                return await next(call)
+                reply = await next(call)
         except TimeoutError:
             if not scope.expired():
                 raise
         except UpstreamError as exc:
             if exc.kind != "timeout":
                 raise
+        else:
+            return until_deadline(reply, call, clock)
         return _timed_out(call.target, limit, shortened)
 
     return deadline_layer
+
+
+def until_deadline(reply: Reply, call: Call, clock: Clock) -> Reply:
+    """`reply`, its streamed body breaking off once `call.deadline` has passed.
+
+    The answer has begun by then, so there is no 504 to give: the body ends
+    as `ConnectionResetError`, which the edge turns into an aborted
+    connection, so a cut answer never looks complete (SPEC `upstream_reset`).
+    """
+    if not isinstance(reply.body, bytes):
+        reply.body = _bounded(reply.body, call, clock)
+    return reply
+
+
+async def _bounded(body: AsyncIterator[bytes], call: Call, clock: Clock) -> AsyncIterator[bytes]:
+    chunks = body.__aiter__()
+    while True:
+        try:
+            # Read again for each chunk: while the request body is still coming
+            # in the deadline stands still (None), and it restarts after.
+            async with asyncio.timeout(remaining(call, clock)):
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise ConnectionResetError("the call's deadline passed mid-body") from None
+        yield chunk
 
 
 def _timed_out(service: str, limit: float, shortened: bool) -> Reply:
@@ -109,16 +140,19 @@ def _timed_out(service: str, limit: float, shortened: bool) -> Reply:
 
 
 def per_attempt(*, clock: Clock) -> Layer:
-    """Bounds one attempt to the target's `retry.per_try_timeout` or the time left,
-    whichever is less.
+    """Bounds one attempt's wait for its answer to begin to the target's
+    `retry.per_try_timeout` or the time left, whichever is less.
 
     Sits innermost, just before the transport. When the bound passes it
     raises `UpstreamError("per-try-timeout", sent=True)`, or
     `UpstreamError("timeout", sent=True)` when the call's own deadline was
     the tighter bound (so retry sees no time left and the deadline layer
-    answers 504). For mesh targets it sends the bound, in whole
-    milliseconds, as `x-sidecar-timeout-ms` so the far sidecar holds its
-    call to its app to it; services outside the mesh never see the header.
+    answers 504). Once the answer has begun it bounds nothing more (no retry
+    can follow; Envoy's per-try timeout stops there too): the body is the
+    call deadline's. For mesh targets it sends that time left, in whole
+    milliseconds, as `x-sidecar-timeout-ms`, since the far sidecar holds its
+    whole call to its app, body included, to the header; services outside
+    the mesh never see it.
     """
 
     async def per_attempt_layer(call: Call, next: Handler) -> Reply:
@@ -131,8 +165,12 @@ def per_attempt(*, clock: Clock) -> Layer:
         if call.upstream.mesh:
             # The far side gives up a little before we do (50 ms, or a tenth of
             # a short bound), so its own 504 and reason reach the app first.
-            margin = min(FAR_SIDE_MARGIN, bound / 10)
-            call.headers[TIMEOUT_MS] = str(max(1, int((bound - margin) * 1000)))
+            # It is told the call's time left, not this attempt's: a per-try
+            # bound would cut every answer whose body takes longer than it.
+            left = remaining(call, clock)
+            held = bound if left is None else left
+            margin = min(FAR_SIDE_MARGIN, held / 10)
+            call.headers[TIMEOUT_MS] = str(max(1, int((held - margin) * 1000)))
         scope = asyncio.timeout(bound)
 
         def restart() -> float:
@@ -198,7 +236,8 @@ def hold_deadline(*, clock: Clock = SYSTEM_CLOCK) -> Layer:
 
     It only shortens the app target's timeout (`defaults.timeout`) (a value that is not a positive
     whole number of milliseconds is ignored); the header is not passed on to
-    the app. Expiry is answered by the failure layer as 504.
+    the app. Expiry before the app's answer begins is answered by the failure
+    layer as 504; after, the answer's body breaks off (`until_deadline`).
     """
 
     async def hold_deadline_layer(call: Call, next: Handler) -> Reply:
@@ -218,10 +257,11 @@ def hold_deadline(*, clock: Clock = SYSTEM_CLOCK) -> Layer:
         try:
             async with scope:
                 pause_while_receiving(call, scope, restart=restart)
-                return await next(call)
+                reply = await next(call)
         except TimeoutError:
             if not scope.expired():
                 raise
             raise UpstreamError("timeout", sent=True) from None
+        return until_deadline(reply, call, clock)
 
     return hold_deadline_layer

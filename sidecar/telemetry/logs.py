@@ -60,6 +60,7 @@ FIELDS = frozenset(
         "task",
         "version",
         "detail",
+        "http_parser",
     }
 )
 

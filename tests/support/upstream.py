@@ -66,6 +66,15 @@ class Upstream:
             await self._runner.cleanup()
             self._runner = None
 
+    def open_connections(self) -> int:
+        """Connections to this app that are open now (served or idle)."""
+        assert self._runner is not None and self._runner.server is not None
+        return len(self._runner.server.connections)
+
+    async def closed_all(self) -> bool:
+        """Whether no connection to this app is open (for `wait_until`)."""
+        return self.open_connections() == 0
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"

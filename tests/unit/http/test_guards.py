@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sidecar.http import guards
-from sidecar.stack import Body, BodyTooLarge, MalformedBody, UpstreamError
+from sidecar.stack import Body, BodyStalled, BodyTooLarge, MalformedBody, UpstreamError
 from tests.support.calls import Next, make_call
 
 
@@ -33,3 +33,6 @@ async def test_check_body_refuses_by_length_and_while_streaming() -> None:
     assert reply.status == 413 and reply.reason == "body_too_large"
     broken = await layer(make_call("/x", method="POST"), Next(MalformedBody()))
     assert broken.status == 400 and broken.reason == "bad_request"
+    stalled = await layer(make_call("/x", method="POST"), Next(BodyStalled(60)))
+    assert stalled.status == 408 and stalled.reason == "body_stalled"
+    assert b"60000 ms" in stalled.body  # type: ignore[operator]

@@ -1,6 +1,8 @@
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
+from multidict import CIMultiDict
 
 from sidecar.clock import FakeClock
 from sidecar.config.settings import ServicePolicy
@@ -8,6 +10,7 @@ from sidecar.http.headers import TIMEOUT_MS as TIMEOUT_HEADER
 from sidecar.resilience.deadline import (
     asked_timeout,
     deadline,
+    hold_deadline,
     per_attempt,
     remaining,
 )
@@ -177,11 +180,12 @@ async def test_per_attempt_sends_time_left_to_far_sidecar(clock: FakeClock) -> N
     await layer(call, next)
     call.deadline = clock.now + 1.2345
     await layer(call, next)
-    # The far side is told a little less than this side waits (50 ms, or a
-    # tenth of a short bound), so its own answer arrives first.
+    # The far side is told a little less than the call's time left (50 ms, or
+    # a tenth of a short bound), so its own answer arrives first. Not the
+    # per-try bound: the far side holds the whole answer, body included, to it.
     call.deadline = clock.now + 0.2
     await layer(call, next)
-    assert [headers[TIMEOUT_HEADER] for headers in next.headers] == ["2950", "1184", "180"]
+    assert [headers[TIMEOUT_HEADER] for headers in next.headers] == ["9950", "1184", "180"]
     assert call.headers.getall(TIMEOUT_HEADER) == ["180"]  # replaced, not added
 
 
@@ -247,3 +251,56 @@ async def test_deadline_and_per_attempt_together_answer_504(loop_on: FakeClock) 
 
     reply = await outer(make_call(timeout=1.0, per_try=3.0), chain)
     assert reply.status == 504
+
+
+def streaming(clock: FakeClock, *, then_hang_for: float | None) -> Reply:
+    """An answer whose body sends one chunk, then another at once or after a long wait."""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"begun"
+        if then_hang_for is not None:
+            await hang_after(clock, then_hang_for)
+        yield b"done"
+
+    return Reply(status=200, headers=CIMultiDict(), body=body())
+
+
+async def read_all(reply: Reply) -> list[bytes]:
+    assert not isinstance(reply.body, bytes)
+    return [chunk async for chunk in reply.body]
+
+
+async def test_deadline_cuts_a_body_still_coming_when_it_passes(loop_on: FakeClock) -> None:
+    clock = loop_on
+    layer = deadline(clock=clock)
+
+    async def whole(call: Call) -> Reply:
+        return streaming(clock, then_hang_for=None)
+
+    assert await read_all(await layer(make_call(timeout=1.0), whole)) == [b"begun", b"done"]
+
+    async def stalling(call: Call) -> Reply:
+        return streaming(clock, then_hang_for=2.0)
+
+    reply = await layer(make_call(timeout=1.0), stalling)
+    assert reply.status == 200  # begun: too late for a 504
+    with pytest.raises(ConnectionResetError):
+        await read_all(reply)
+
+
+async def test_the_inbound_hold_cuts_the_apps_body_when_it_passes(loop_on: FakeClock) -> None:
+    clock = loop_on
+    layer = hold_deadline(clock=clock)
+    call = support_call("/claims", direction="inbound", headers={TIMEOUT_HEADER: "300"},
+                        to=target("app", timeout=10.0))
+
+    async def app(call: Call) -> Reply:
+        return streaming(clock, then_hang_for=1.0)
+
+    reply = await layer(call, app)
+    chunks: list[bytes] = []
+    with pytest.raises(ConnectionResetError):
+        assert not isinstance(reply.body, bytes)
+        async for chunk in reply.body:
+            chunks.append(chunk)
+    assert chunks == [b"begun"]
