@@ -7,6 +7,7 @@ part of the process it describes.
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 from typing import Any, Protocol
 
@@ -15,6 +16,7 @@ from aiohttp import web
 
 from sidecar.config.loader import redacted
 from sidecar.config.settings import Config
+from sidecar.http.listener import Answer
 
 log = logging.getLogger("sidecar")
 
@@ -44,41 +46,41 @@ def admin_app(view: AdminView) -> web.Application:
     app = web.Application()
 
     async def healthz(request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return _json({"status": "ok"})
 
     async def readyz(request: web.Request) -> web.Response:
         reasons = await readiness(view)
         if reasons:
-            return web.json_response({"ready": False, "reasons": reasons}, status=503)
-        return web.json_response({"ready": True})
+            return _json({"ready": False, "reasons": reasons}, status=503)
+        return _json({"ready": True})
 
     async def readyz_outbound(request: web.Request) -> web.Response:
         # For the app's entrypoint (`sidecar wait`): the app's own health is
         # not asked, since the app is what waits for this.
         reasons = view.outbound_not_ready()
         if reasons:
-            return web.json_response({"ready": False, "reasons": reasons}, status=503)
-        return web.json_response({"ready": True})
+            return _json({"ready": False, "reasons": reasons}, status=503)
+        return _json({"ready": True})
 
     async def shutdown(request: web.Request) -> web.Response:
         # Istio's /quitquitquit, for a batch job done with its sidecar. Even
         # when the admin port is bound wider, only a process beside it may stop it.
         if not _is_loopback(request.remote):
-            return web.json_response(
+            return _json(
                 {"error": "POST /admin/shutdown is taken from loopback only"}, status=403)
         log.info("shutdown asked on the admin port")
         view.shutdown()
-        return web.json_response({"draining": True}, status=202)
+        return _json({"draining": True}, status=202)
 
     async def services(request: web.Request) -> web.Response:
-        return web.json_response({"services": view.service_state()})
+        return _json({"services": view.service_state()})
 
     async def config(request: web.Request) -> web.Response:
-        return web.json_response(redacted(view.config))
+        return _json(redacted(view.config))
 
     async def metrics(request: web.Request) -> web.Response:
         body, content_type = view.render_metrics()
-        response = web.Response(body=body)
+        response = Answer(body=body)
         response.headers["Content-Type"] = content_type
         return response
 
@@ -115,3 +117,8 @@ async def readiness(view: AdminView) -> list[str]:
         except (TimeoutError, aiohttp.ClientError):
             reasons.append("app health check failed: the app did not answer")
     return reasons
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    """A JSON answer that names no server software (like every answer of the sidecar)."""
+    return Answer(text=json.dumps(doc), status=status, content_type="application/json")

@@ -83,3 +83,12 @@ async def test_an_accepted_websocket_names_no_software(make_mesh, upstreams):
                            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n", within=3)
     assert reply.status == 101
     assert "server" not in reply.header_names()
+
+
+async def test_the_admin_port_names_no_software_either(make_mesh):
+    mesh = make_mesh(["a"])
+    a = await mesh.sidecar("a").start()
+    for path in ("/healthz", "/metrics", "/admin/services", "/readyz/outbound"):
+        answer = await exchange(a.admin, get(path))
+        assert answer.status == 200, path
+        assert "server" not in answer.header_names(), path
