@@ -33,10 +33,10 @@ from sidecar.wiring import Shared, Wiring, wire
 log = logging.getLogger("sidecar")
 
 # Settings a reload cannot change in a running process (SPEC: listen addresses
-# are kept until a restart; limits, audit file and tracing live in the listeners,
-# the audit log and the tracer, which are built once).
+# are kept until a restart; limits, audit file, tracing and the workflow store
+# live in the listeners, the audit log, the tracer and the engine, built once).
 MESH_HEADERS = 8
-RESTART_ONLY = ("service", "listen", "limits", "audit", "tracing")
+RESTART_ONLY = ("service", "listen", "limits", "audit", "tracing", "workflows")
 
 
 class Sidecar:
