@@ -137,6 +137,8 @@ def _name(raw: Any, where: str, problems: Problems) -> str:
 
 def _request(raw: Any, where: str, services: Collection[str], problems: Problems, *,
              earlier: list[str]) -> Request:
+    if raw is None:
+        return Request("", DEFAULT_METHOD, "/")  # "is required" was said already
     raw = _object(raw, where, {"service", "method", "path", "body"}, problems)
     if not raw:
         return Request("", DEFAULT_METHOD, "/")
