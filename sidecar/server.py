@@ -29,6 +29,8 @@ from sidecar.tasks import TaskGroup
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import setup_tracing
 from sidecar.wiring import Shared, Wiring, wire
+from sidecar.workflows.backends import open_store
+from sidecar.workflows.engine import Engine, lease_for
 
 log = logging.getLogger("sidecar")
 
@@ -37,6 +39,10 @@ log = logging.getLogger("sidecar")
 # live in the listeners, the audit log, the tracer and the engine, built once).
 MESH_HEADERS = 8
 RESTART_ONLY = ("service", "listen", "limits", "audit", "tracing", "workflows")
+
+
+class StartFailed(Exception):
+    """The sidecar could not start; the log says why."""
 
 
 class Sidecar:
@@ -75,6 +81,8 @@ class Sidecar:
             tracing=setup_tracing(config.tracing, service_name=config.service),
         )
         self._reload_state(config)
+        if config.workflows is not None:
+            self.shared.workflows = await self._workflow_engine(config)
         self.wiring = wire(config, self.shared)
         limits = config.limits
         # The calling sidecar adds a few headers of its own (token, trace
@@ -85,6 +93,9 @@ class Sidecar:
         host, port = config.listen.admin
         self._listeners["admin"] = await listener.start_app(admin_app(self), host, port)
         self.listening = True
+        if self.shared.workflows is not None:
+            # After the stacks: resumed work goes out through them at once.
+            await self.shared.workflows.start()
         log.info("sidecar started", extra={
             "service": config.service,
             "listeners": {name: f"{h}:{p}" for name, (h, p) in self.addresses().items()},
@@ -100,6 +111,28 @@ class Sidecar:
             on_refused=lambda reply: self._refused(direction, reply),
             # No attempt is made for a request refused while parsing.
             answer_headers={ATTEMPTS: "0"} if direction == "outbound" else None)
+
+    async def _workflow_engine(self, config: Config) -> Engine:
+        assert self.shared is not None and config.workflows is not None
+        try:
+            store = await open_store(config.workflows.store)
+        except Exception as exc:
+            log.error("workflow store could not be opened",
+                      extra={"error": type(exc).__name__, "detail": str(exc)
+                             if isinstance(exc, RuntimeError | OSError) else None})
+            raise StartFailed from None
+        timeouts = [s.policy.timeout for s in config.services.values()]
+        engine = Engine(store=store, handler=self._workflow_call, settings=config.workflows,
+                        service=config.service, tracing=self.shared.tracing, clock=self.clock,
+                        lease=lease_for(max(timeouts, default=config.defaults.timeout)),
+                        metrics=self.shared.metrics)
+        self.shared.metrics.count_workflows(dead_letters=lambda: engine.dead_letters)
+        return engine
+
+    async def _workflow_call(self, call: Call) -> Reply:
+        """A workflow's call, through the outbound stack of the config in force now."""
+        assert self.wiring is not None
+        return await self.wiring.outbound(call)
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         """The bound address of each listener (the real port when 0 was asked)."""
@@ -134,6 +167,10 @@ class Sidecar:
                 "endpoints": shared.pools.state(name) if shared else [],
             }
         return out
+
+    async def workflow_state(self) -> dict[str, Any] | None:
+        engine = self.shared.workflows if self.shared is not None else None
+        return await engine.state() if engine is not None else None
 
     def render_metrics(self) -> tuple[bytes, str]:
         assert self.shared is not None
@@ -254,6 +291,9 @@ class Sidecar:
         await self.close()
 
     async def close(self) -> None:
+        if self.shared is not None and self.shared.workflows is not None:
+            # First, while the stacks still work: in-flight steps stop, claims are freed.
+            await self.shared.workflows.close()
         for held in reversed(list(self._listeners.values())):
             await held.close()
         self._listeners.clear()
@@ -281,7 +321,11 @@ def _inbound_headers(call: Call, reply: Reply, headers: CIMultiDict[str]) -> Non
 
 async def serve(config: Config) -> int:
     sidecar = Sidecar(config)
-    await sidecar.start()
+    try:
+        await sidecar.start()
+    except StartFailed:
+        await sidecar.close()
+        return 2
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM,
                             lambda: sidecar.tasks.start("drain", sidecar.drain()))

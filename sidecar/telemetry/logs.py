@@ -59,6 +59,8 @@ FIELDS = frozenset(
         "task",
         "version",
         "detail",
+        "workflow",
+        "step",
     }
 )
 

@@ -206,6 +206,12 @@ class SqlStore:
                                         " WHERE fanout = $1 ORDER BY target", id)
         return _fanout(rows[0]), [_delivery(row) for row in deliveries]
 
+    async def delivery(self, id: str) -> Delivery | None:
+        async with self.read() as tx:
+            rows = await tx.fetch(f"SELECT {DELIVERY_COLUMNS} FROM wf_deliveries WHERE id = $1",
+                                  id)
+        return _delivery(rows[0]) if rows else None
+
     async def dead_letters(self, limit: int = 1000) -> list[Delivery]:
         async with self.read() as tx:
             rows = await tx.fetch(f"SELECT {DELIVERY_COLUMNS} FROM wf_deliveries"
