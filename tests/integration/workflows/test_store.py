@@ -26,13 +26,6 @@ NOW = 1_700_000_000.0
 Opener = Callable[[], Awaitable[SqlStore]]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite://{tmp_path}/wf.db"
-    return str(request.getfixturevalue("pg_database"))
-
-
 @pytest.fixture
 async def opener(store_url: str) -> AsyncIterator[Opener]:
     url = store_url
