@@ -20,6 +20,7 @@ from sidecar.config import loader as config_loader
 from sidecar.config.settings import Config, Limits
 from sidecar.http import edge, listener, transport
 from sidecar.http.headers import ATTEMPTS, REASON, SIDECAR_PREFIX
+from sidecar.paths import RouteTable
 from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.bulkhead import Bulkheads
@@ -31,6 +32,7 @@ from sidecar.telemetry.tracing import setup_tracing
 from sidecar.wiring import Shared, Wiring, wire
 from sidecar.workflows.backends import open_store
 from sidecar.workflows.engine import Engine, lease_for
+from sidecar.workflows.shipping import Shipper
 
 log = logging.getLogger("sidecar")
 
@@ -58,6 +60,7 @@ class Sidecar:
         self._listeners: dict[str, listener.Listener] = {}
         self.shared: Shared | None = None
         self.wiring: Wiring | None = None
+        self.shipper: Shipper | None = None
 
     # -- start -------------------------------------------------------------
 
@@ -96,6 +99,7 @@ class Sidecar:
         if self.shared.workflows is not None:
             # After the stacks: resumed work goes out through them at once.
             await self.shared.workflows.start()
+            self.shipper = self._audit_shipper(config, self.shared.workflows)
         log.info("sidecar started", extra={
             "service": config.service,
             "listeners": {name: f"{h}:{p}" for name, (h, p) in self.addresses().items()},
@@ -128,6 +132,19 @@ class Sidecar:
                         metrics=self.shared.metrics)
         self.shared.metrics.count_workflows(dead_letters=lambda: engine.dead_letters)
         return engine
+
+    def _audit_shipper(self, config: Config, engine: Engine) -> Shipper | None:
+        ship = config.audit.ship
+        if ship is None or config.audit.path is None:
+            return None
+        assert self.shared is not None
+        routes = RouteTable(config.services[ship.service].routes)
+        shipper = Shipper(settings=ship, audit_path=config.audit.path, store=engine.store,
+                          handler=self._workflow_call, service=config.service,
+                          route=routes.template(ship.path), tracing=self.shared.tracing,
+                          clock=self.clock)
+        shipper.start()
+        return shipper
 
     async def _workflow_call(self, call: Call) -> Reply:
         """A workflow's call, through the outbound stack of the config in force now."""
@@ -291,6 +308,8 @@ class Sidecar:
         await self.close()
 
     async def close(self) -> None:
+        if self.shipper is not None:
+            await self.shipper.close()
         if self.shared is not None and self.shared.workflows is not None:
             # First, while the stacks still work: in-flight steps stop, claims are freed.
             await self.shared.workflows.close()

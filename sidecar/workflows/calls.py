@@ -71,9 +71,9 @@ def parent_of(trace: str | None, tracing: Tracing) -> tuple[Context, int]:
     return Context(), tracing.new_trace_id()
 
 
-async def send(handler: Handler, request: Request, *, key: str, source: str, workflow: str,
-               step: str, span_name: str, trace: str | None, tracing: Tracing, clock: Clock,
-               want_body: bool) -> Result:
+async def send(handler: Handler, request: Request, *, key: str, source: str,
+               workflow: str | None, step: str | None, span_name: str, trace: str | None,
+               tracing: Tracing, clock: Clock, want_body: bool) -> Result:
     """Send `request` through `handler` (the outbound stack) and judge the answer."""
     parent, trace_id = parent_of(trace, tracing)
     span = tracing.start_span(span_name, kind=SpanKind.INTERNAL, parent=parent, trace_id=trace_id)
