@@ -28,6 +28,8 @@ from aiohttp import web
 class Failure:
     status: int
     times: int | None
+    each_key: bool = False  # `times` counts per Idempotency-Key
+    seen: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -43,13 +45,16 @@ class Ledger:
     _failures: dict[str, Failure] = field(default_factory=dict)
     _holds: dict[str, asyncio.Event] = field(default_factory=dict)
     held: asyncio.Event = field(default_factory=asyncio.Event)  # set when a held call arrives
+    in_flight: Counter[str] = field(default_factory=Counter)
+    most_at_once: Counter[str] = field(default_factory=Counter)  # per key, ever
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _runner: web.AppRunner | None = None
 
     # ---- scripts
 
-    def fail(self, prefix: str, status: int, times: int | None = None) -> None:
-        self._failures[prefix] = Failure(status, times)
+    def fail(self, prefix: str, status: int, times: int | None = None, *,
+             each_key: bool = False) -> None:
+        self._failures[prefix] = Failure(status, times, each_key)
 
     def heal(self) -> None:
         self._failures.clear()
@@ -68,13 +73,27 @@ class Ledger:
     # ---- the app
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        await request.read()
         key = request.headers.get("Idempotency-Key", "")
+        self.in_flight[key] += 1
+        self.most_at_once[key] = max(self.most_at_once[key], self.in_flight[key])
+        try:
+            return await self._answer(request, key)
+        finally:
+            self.in_flight[key] -= 1
+
+    async def _answer(self, request: web.Request, key: str) -> web.StreamResponse:
+        await request.read()
         self.received[key] += 1
         self.sources.append(request.headers.get("x-source-service"))
         self.traceparents.append(request.headers.get("traceparent", ""))
         for prefix, failure in list(self._failures.items()):
-            if request.path.startswith(prefix) and failure.times != 0:
+            if not request.path.startswith(prefix):
+                continue
+            if failure.each_key:
+                failure.seen[key] += 1
+                if failure.times is None or failure.seen[key] <= failure.times:
+                    return web.json_response({"error": "scripted"}, status=failure.status)
+            elif failure.times != 0:
                 if failure.times is not None:
                     failure.times -= 1
                 return web.json_response({"error": "scripted"}, status=failure.status)
