@@ -11,6 +11,7 @@ from tests.support.ledger import Ledger
 from tests.support.mesh import Mesh
 from tests.support.workflows import (
     FAST_RETRY,
+    admin,
     audit_records,
     call,
     direct_services,
@@ -119,3 +120,32 @@ async def test_an_idempotency_key_returns_the_first_saga(
     other = saga(step("verify", "b"))
     status, refused, _ = await call(a, "POST", "/sagas", other, headers=key)
     assert status == 400 and "Idempotency-Key" in refused["detail"]
+
+
+async def test_finished_sagas_are_purged_after_the_retention_and_failed_ones_kept(
+        make_mesh: Callable[..., Mesh], ledgers: list[Ledger], tmp_path: Path) -> None:
+    b = ledgers[0]
+    mesh = make_mesh(["a"])
+    a = await mesh.sidecar("a", workflows=workflows(tmp_path, retention="1s",
+                                                    give_up_after="100ms"),
+                           services=direct_services(ledgers)).start()
+    status, done, _ = await call(a, "POST", "/sagas?wait=10s", saga(step("verify", "b")))
+    assert done["state"] == "completed"
+    b.fail("/things/", 400)  # every undo refused: a person must act
+    failing = saga(step("verify", "b"), step("claim", "c"), step("notify", "d"))
+    ledgers[2].fail("/things", 422)
+    status, failed, _ = await call(a, "POST", "/sagas?wait=10s", failing)
+    assert failed["state"] == "failed" and failed["steps"][0]["last_reason"] == "status_400"
+
+    async def purged() -> bool:
+        return (await call(a, "GET", f"/sagas/{done['id']}"))[0] == 404
+
+    await until(purged, what="the completed saga purged")
+    status, kept, _ = await call(a, "GET", f"/sagas/{failed['id']}")
+    assert status == 200 and kept["state"] == "failed"
+    state = await admin(a, "/admin/workflows")
+    assert state["sagas"]["failed"] == 1 and state["sagas"]["completed"] == 0
+    metrics = await admin(a, "/metrics")
+    assert 'sidecar_workflow_steps_total{outcome="compensation_failed"} 1.0' in metrics
+    log = a.stdout_path.read_text()
+    assert "a person must act" in log and failed["id"] in log
