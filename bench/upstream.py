@@ -1,4 +1,5 @@
-"""The bench's app: every GET answers 200 with the same JSON body of 1 KiB.
+"""The bench's app: every GET answers 200 with the same JSON body of 1 KiB,
+every POST (a saga's step) 201 with it.
 
 It does nothing else (no recording, no scripting), so that what the bench
 measures is the sidecars, not the app.
@@ -30,11 +31,17 @@ async def answer(request: web.Request) -> web.Response:
     return web.Response(body=BODY, content_type="application/json")
 
 
+async def made(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(status=201, body=BODY, content_type="application/json")
+
+
 @contextlib.asynccontextmanager
 async def serving() -> AsyncIterator[str]:
     """The app on a free port of 127.0.0.1 for the block; its base URL."""
     app = web.Application()
     app.router.add_get("/{tail:.*}", answer)
+    app.router.add_post("/{tail:.*}", made)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     try:

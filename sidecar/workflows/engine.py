@@ -2,7 +2,9 @@
 
 Write-ahead: every transition is committed to the store before the call it
 leads to, so after a crash an action not known to have completed is sent
-again, with the same `Idempotency-Key`, and the app deduplicates it. The
+again, with the same `Idempotency-Key`, and the app deduplicates it. (A
+step's success is committed together with the transition that follows it,
+the next step's write-ahead or the saga's end, since no call comes between.) The
 engine claims what it runs (see `store.py`); a poll every `POLL` seconds
 picks up work that is due, work of a replica that died, and what this
 process itself was running before a restart.
@@ -62,6 +64,7 @@ from sidecar.workflows.store import LostClaim, SqlStore, new_id
 log = logging.getLogger("sidecar.workflows")
 
 POLL = 0.5  # seconds between looks for due or abandoned work
+RECOUNT = 10  # polls between two counts of the dead letters (the gauge)
 MIN_LEASE = 30.0  # seconds a claim lasts unless renewed; see `lease_for`
 MAX_RUNNING = 64  # sagas and deliveries run at once by one process
 STORE_RETRY = 1.0  # seconds before a transition the store refused is tried again
@@ -159,6 +162,7 @@ class Engine:
     async def redrive(self, id: str) -> Delivery | None:
         delivery = await self.store.redrive(id, now=self._clock.time())
         if delivery is not None:
+            self.dead_letters = (await self.store.counts()).dead_letters
             self._wake.set()
         return delivery
 
@@ -204,9 +208,13 @@ class Engine:
     # ---- background loops
 
     async def _poll(self) -> None:
+        polls = 0
         while True:
             try:
                 await self._claim()
+                if polls % RECOUNT == 0:
+                    self.dead_letters = (await self.store.counts()).dead_letters
+                polls += 1
             except Exception as exc:
                 log.error("workflow store unreachable; will retry",
                           extra={"error": type(exc).__name__})
@@ -227,7 +235,6 @@ class Engine:
             claimed = await self.store.claim_deliveries(now=now, lease=self._lease, limit=free)
             for delivery in claimed:
                 self._start_delivery(delivery)
-        self.dead_letters = (await self.store.counts()).dead_letters
 
     async def _renew(self) -> None:
         while True:
@@ -308,7 +315,8 @@ class Engine:
             state.status = DONE
             state.last_reason = None
             state.values = templating.extract(result.body, _wanted(saga, step.name))
-            await self._save(saga)
+            # Committed with the next transition, which comes before any other call
+            # (the next step's write-ahead, or the end): one commit saved per step.
             self._count_step("done")
             return False
         state.last_reason = result.why
@@ -350,8 +358,7 @@ class Engine:
         if result.ok:
             state.status = STEP_COMPENSATED
             state.failing_since = None
-            await self._save(saga)
-            self._count_step("compensated")
+            self._count_step("compensated")  # committed with the next transition
             return False
         state.last_reason = result.why
         now = self._clock.time()
