@@ -37,8 +37,8 @@ from sidecar.workflows.store import SqlStore
 
 log = logging.getLogger("sidecar.audit.ship")
 
-QUIET = 10  # intervals the records of shipping itself wait for company
-MAX_DELAY = 30.0  # seconds between tries while the collector fails
+QUIET = 10  # intervals the records of shipping itself wait for company; and at most
+MAX_DELAY = 30.0  # seconds (or QUIET intervals) between tries while the collector fails
 TAIL = 64 * 1024  # bytes read back to find the record just before the cursor
 
 
@@ -178,7 +178,8 @@ class Shipper:
                     continue
                 if not await self._send(batch):
                     failures += 1
-                    await asyncio.sleep(min(MAX_DELAY, interval * 2 ** min(failures, 10)))
+                    await asyncio.sleep(min(MAX_DELAY, QUIET * interval,
+                                            interval * 2 ** min(failures, 10)))
                     continue
                 crash.reach("after-ship")
                 cursor = Cursor(batch.end, batch.records[-1].get("hash"))

@@ -115,3 +115,20 @@ async def test_without_a_workflows_section_the_api_does_not_exist(
             assert response.status == 404
         async with session.get(a.admin_url + "/metrics") as response:
             assert "sidecar_workflow_steps" not in await response.text()
+
+
+async def test_a_second_sidecar_on_one_sqlite_store_refuses_to_start(
+        make_mesh: Callable[..., Mesh], tmp_path: Path) -> None:
+    mesh = make_mesh(["a"])
+    store = workflows(tmp_path)
+    await mesh.sidecar("a", workflows=store).start()
+    second = SidecarProcess.in_dir("a-again", {**mesh.sidecars[0].config,
+                                               "workflows": store}, tmp_path)
+    second.config.pop("listen", None)
+    second.config.pop("audit", None)
+    mesh.sidecars.append(second)
+    second.write_config()
+    second.spawn()
+    assert await second.wait_exit(20) == 2
+    assert "workflow store could not be opened" in second.stdout_path.read_text()
+    assert "another process uses the workflow store" in second.stdout_path.read_text()
