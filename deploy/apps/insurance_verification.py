@@ -86,12 +86,20 @@ async def coverage(request: web.Request) -> web.Response:
     return reply(request, {"patient_id": patient_id, "coverage": found})
 
 
+def _replay(request: web.Request, key: str) -> web.Response | None:
+    """The first answer given for `key` again, if there was one."""
+    answer = request.app[VERIFICATIONS].answers.get(key)
+    if answer is None:
+        return None
+    status, body = answer
+    return reply(request, {**body, "replayed": True}, status=status)
+
+
 async def verify(request: web.Request) -> web.Response:
     key = idempotency_key(request)
     checks = request.app[VERIFICATIONS]
-    if key in checks.answers:
-        status, body = checks.answers[key]
-        return reply(request, {**body, "replayed": True}, status=status)
+    if (again := _replay(request, key)) is not None:
+        return again
     body = await json_object(request)
     patient_id, encounter_id = body.get("patient_id"), body.get("encounter_id")
     if not isinstance(patient_id, str) or not isinstance(encounter_id, str):
@@ -115,9 +123,8 @@ async def verify(request: web.Request) -> web.Response:
 async def void(request: web.Request) -> web.Response:
     key = idempotency_key(request)
     checks = request.app[VERIFICATIONS]
-    if key in checks.answers:
-        status, body = checks.answers[key]
-        return reply(request, {**body, "replayed": True}, status=status)
+    if (again := _replay(request, key)) is not None:
+        return again
     verification = checks.by_id.get(request.match_info["verification_id"])
     if verification is None:
         return reply(request, {"error": "no such verification"}, status=404)

@@ -32,7 +32,7 @@ from sidecar.paths import RouteTable
 from sidecar.stack import BodyTooLarge, Call, Handler, Reply, RequestBodyError
 from sidecar.workflows.definitions import DefinitionError, parse_fanout, parse_saga
 from sidecar.workflows.engine import Engine, Submitted
-from sidecar.workflows.model import PENDING
+from sidecar.workflows.model import PENDING, FanoutDef, SagaDef
 from sidecar.workflows.store import KeyReused
 
 ROUTES = RouteTable(tuple(API_PREFIX + route for route in (
@@ -49,16 +49,13 @@ def handler(*, engine: Engine, services: frozenset[str], max_body: int,
     """The API as a `Handler`, for the services of one config."""
 
     async def create_saga(call: Call, parts: list[str]) -> Reply:
-        doc, refused = await _request_json(call, max_body)
-        key, bad_key = _key(call)
         wait, bad_wait = _wait(call.query)
-        refused = refused or bad_key or bad_wait
+        definition, key, refused = await _definition(
+            call, lambda doc: parse_saga(doc, services=services, max_steps=max_steps), max_body)
+        refused = refused or bad_wait
         if refused is not None:
             return refused
-        try:
-            definition = parse_saga(doc, services=services, max_steps=max_steps)
-        except DefinitionError as exc:
-            return _refusal(exc)
+        assert isinstance(definition, SagaDef)
         submitted = await _submit(engine.submit_saga(definition, key=key, trace=_trace(call)))
         if isinstance(submitted, Reply):
             return submitted
@@ -80,15 +77,12 @@ def handler(*, engine: Engine, services: frozenset[str], max_body: int,
         return _json(200, saga.view())
 
     async def create_fanout(call: Call, parts: list[str]) -> Reply:
-        doc, refused = await _request_json(call, max_body)
-        key, bad_key = _key(call)
-        refused = refused or bad_key
+        definition, key, refused = await _definition(
+            call, lambda doc: parse_fanout(doc, services=services, max_targets=max_steps),
+            max_body)
         if refused is not None:
             return refused
-        try:
-            definition = parse_fanout(doc, services=services, max_targets=max_steps)
-        except DefinitionError as exc:
-            return _refusal(exc)
+        assert isinstance(definition, FanoutDef)
         submitted = await _submit(engine.submit_fanout(definition, key=key, trace=_trace(call)))
         if isinstance(submitted, Reply):
             return submitted
@@ -150,6 +144,19 @@ def handler(*, engine: Engine, services: frozenset[str], max_body: int,
 
 
 # ---- reading the request
+
+
+async def _definition(call: Call, parse: Callable[[Any], SagaDef | FanoutDef], max_body: int
+                      ) -> tuple[SagaDef | FanoutDef | None, str | None, Reply | None]:
+    """The request's checked definition and Idempotency-Key, or the refusal to answer."""
+    doc, refused = await _request_json(call, max_body)
+    key, bad_key = _key(call)
+    if refused is not None or bad_key is not None:
+        return None, None, refused or bad_key
+    try:
+        return parse(doc), key, None
+    except DefinitionError as exc:
+        return None, None, _refusal(exc)
 
 
 async def _request_json(call: Call, max_body: int) -> tuple[Any, Reply | None]:

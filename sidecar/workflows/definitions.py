@@ -51,14 +51,8 @@ def parse_saga(doc: Any, *, services: Collection[str], max_steps: int) -> SagaDe
     problems = Problems()
     doc = _object(doc, "(body)", {"name", "steps"}, problems)
     name = _name(doc.get("name"), "name", problems)
-    raw_steps = doc.get("steps")
+    raw_steps = _list(doc.get("steps"), "steps", "steps", max_steps, problems)
     steps: list[StepDef] = []
-    if not isinstance(raw_steps, list) or not raw_steps:
-        problems.add("steps", "must be a non-empty list of steps")
-        raw_steps = []
-    elif len(raw_steps) > max_steps:
-        problems.add("steps", f"at most {max_steps} steps (workflows.max_steps)")
-        raw_steps = []
     seen: list[str] = []
     for index, raw in enumerate(raw_steps):
         where = f"steps[{index}]"
@@ -86,13 +80,7 @@ def parse_fanout(doc: Any, *, services: Collection[str], max_targets: int) -> Fa
     problems = Problems()
     doc = _object(doc, "(body)", {"targets", "method", "path", "body"}, problems)
     targets: list[str] = []
-    raw_targets = doc.get("targets")
-    if not isinstance(raw_targets, list) or not raw_targets:
-        problems.add("targets", "must be a non-empty list of service names")
-        raw_targets = []
-    elif len(raw_targets) > max_targets:
-        problems.add("targets", f"at most {max_targets} targets (workflows.max_steps)")
-        raw_targets = []
+    raw_targets = _list(doc.get("targets"), "targets", "service names", max_targets, problems)
     for index, raw in enumerate(raw_targets):
         target = _service(raw, f"targets[{index}]", services, problems)
         if target in targets:
@@ -106,6 +94,17 @@ def parse_fanout(doc: Any, *, services: Collection[str], max_targets: int) -> Fa
 
 
 # ---- parts
+
+
+def _list(raw: Any, where: str, of: str, most: int, problems: Problems) -> list[Any]:
+    """A non-empty list of at most `most` items (workflows.max_steps), else none."""
+    if not isinstance(raw, list) or not raw:
+        problems.add(where, f"must be a non-empty list of {of}")
+        return []
+    if len(raw) > most:
+        problems.add(where, f"at most {most} {where} (workflows.max_steps)")
+        return []
+    return raw
 
 
 def _object(raw: Any, where: str, allowed: set[str], problems: Problems) -> dict[str, Any]:

@@ -22,10 +22,12 @@ fan-out delivery is paced the same way, and ends delivered or a dead letter.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sidecar.clock import Clock
 from sidecar.config.settings import Backoff, Workflows
@@ -62,6 +64,7 @@ from sidecar.workflows.model import (
 from sidecar.workflows.store import LostClaim, SqlStore, new_id
 
 log = logging.getLogger("sidecar.workflows")
+T = TypeVar("T")
 
 POLL = 0.5  # seconds between looks for due or abandoned work
 RECOUNT = 10  # polls between two counts of the dead letters (the gauge)
@@ -258,11 +261,15 @@ class Engine:
 
     # ---- sagas
 
-    def _start_saga(self, saga: Saga) -> None:
-        if saga.id in self._running or self._closing:
+    def _start(self, id: str, task: str, run: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run `run()` for `id` unless it runs here already (or the engine is stopping)."""
+        if id in self._running or self._closing:
             return
-        self._running.add(saga.id)
-        self._runners.start(f"saga {saga.id}", self._run_saga(saga))
+        self._running.add(id)
+        self._runners.start(f"{task} {id}", run())
+
+    def _start_saga(self, saga: Saga) -> None:
+        self._start(saga.id, "saga", functools.partial(self._run_saga, saga))
 
     async def _run_saga(self, saga: Saga) -> None:
         try:
@@ -277,21 +284,22 @@ class Engine:
                 except Exception as exc:
                     log.error("saga transition failed; will retry",
                               extra={"workflow": saga.id, "error": type(exc).__name__})
-                    saga = await self._reload(saga)
+                    saga = await self._reread(functools.partial(self.store.saga, saga.id), saga)
             if saga.finished:
                 self._ending(saga.id)
         finally:
             self._running.discard(saga.id)
 
-    async def _reload(self, saga: Saga) -> Saga:
-        """The saga as the store has it, after a transition it may not have taken."""
+    async def _reread(self, read: Callable[[], Awaitable[T | None]], current: T) -> T:
+        """What the store holds now, after a transition it may not have taken
+        (tried again every STORE_RETRY until the store answers)."""
         while True:
             await self._clock.sleep(STORE_RETRY)
             try:
-                stored = await self.store.saga(saga.id)
+                stored = await read()
             except Exception:
                 continue
-            return stored if stored is not None else saga
+            return stored if stored is not None else current
 
     async def _act(self, saga: Saga) -> bool:
         """Run the next pending action, or complete the saga."""
@@ -407,10 +415,7 @@ class Engine:
     # ---- fan-out deliveries
 
     def _start_delivery(self, delivery: Delivery) -> None:
-        if delivery.id in self._running or self._closing:
-            return
-        self._running.add(delivery.id)
-        self._runners.start(f"delivery {delivery.id}", self._run_delivery(delivery))
+        self._start(delivery.id, "delivery", functools.partial(self._run_delivery, delivery))
 
     async def _run_delivery(self, delivery: Delivery) -> None:
         try:
@@ -423,7 +428,8 @@ class Engine:
                 except Exception as exc:
                     log.error("delivery transition failed; will retry",
                               extra={"workflow": delivery.fanout, "error": type(exc).__name__})
-                    delivery = await self._reload_delivery(delivery)
+                    delivery = await self._reread(
+                        functools.partial(self.store.delivery, delivery.id), delivery)
         finally:
             self._running.discard(delivery.id)
 
@@ -468,15 +474,6 @@ class Engine:
                                                   self._rng)
         await self._save_delivery(delivery, release=True)
         return True
-
-    async def _reload_delivery(self, delivery: Delivery) -> Delivery:
-        while True:
-            await self._clock.sleep(STORE_RETRY)
-            try:
-                stored = await self.store.delivery(delivery.id)
-            except Exception:
-                continue
-            return stored if stored is not None else delivery
 
     async def _fanout(self, id: str) -> tuple[FanoutDef, str | None]:
         """A delivery's definition and trace, read once per fan-out."""

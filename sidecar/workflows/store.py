@@ -237,27 +237,27 @@ class SqlStore:
 
     async def claim_sagas(self, *, now: float, lease: float, limit: int) -> list[Saga]:
         """Active sagas that are due and free, now claimed by this process."""
-        async with self.write() as tx:
-            rows = await tx.fetch(
-                f"UPDATE wf_instances SET owner = $2, lease_until = $3 WHERE id IN ("
-                f" SELECT id FROM wf_instances WHERE kind = $4 AND state IN ($5, $6)"
-                f" AND next_at <= $1 AND ({self.stale_owner})"
-                f" ORDER BY next_at LIMIT $7{self.claim_lock})"
-                f" RETURNING {INSTANCE_COLUMNS}",
-                now, self.owner, now + lease, SAGA, *ACTIVE_STATES, limit)
+        rows = await self._claim("wf_instances", "kind = $5 AND state IN ($6, $7)",
+                                 INSTANCE_COLUMNS, now, lease, limit, SAGA, *ACTIVE_STATES)
         return [_saga(row) for row in rows]
 
     async def claim_deliveries(self, *, now: float, lease: float, limit: int) -> list[Delivery]:
         """Pending deliveries that are due and free, now claimed by this process."""
-        async with self.write() as tx:
-            rows = await tx.fetch(
-                f"UPDATE wf_deliveries SET owner = $2, lease_until = $3 WHERE id IN ("
-                f" SELECT id FROM wf_deliveries WHERE status = $4"
-                f" AND next_at <= $1 AND ({self.stale_owner})"
-                f" ORDER BY next_at LIMIT $5{self.claim_lock})"
-                f" RETURNING {DELIVERY_COLUMNS}",
-                now, self.owner, now + lease, PENDING, limit)
+        rows = await self._claim("wf_deliveries", "status = $5", DELIVERY_COLUMNS, now, lease,
+                                 limit, PENDING)
         return [_delivery(row) for row in rows]
+
+    async def _claim(self, table: str, which: str, columns: str, now: float, lease: float,
+                     limit: int, *args: Any) -> Sequence[Row]:
+        """Rows of `table` matching `which` ($5 on) that are due and free, now ours."""
+        async with self.write() as tx:
+            return await tx.fetch(
+                f"UPDATE {table} SET owner = $2, lease_until = $3 WHERE id IN ("
+                f" SELECT id FROM {table} WHERE {which}"
+                f" AND next_at <= $1 AND ({self.stale_owner})"
+                f" ORDER BY next_at LIMIT $4{self.claim_lock})"
+                f" RETURNING {columns}",
+                now, self.owner, now + lease, limit, *args)
 
     async def renew(self, *, now: float, lease: float) -> None:
         """Push out the lease of every claim this process holds."""

@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.support.upstream import serve
+
 
 @dataclass
 class Failure:
@@ -119,14 +121,7 @@ class Ledger:
         app.router.add_post("/things", self._handle)
         app.router.add_post("/things/{id}/undo", self._handle)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        if self.port == 0:
-            server = site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner, self.port = await serve(app, self.port)
         return self
 
     async def stop(self) -> None:

@@ -8,7 +8,7 @@ same Idempotency-Key, and gets the first saga back.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
@@ -22,15 +22,6 @@ pytestmark = pytest.mark.timeout(120)
 
 THREE = saga(step("verify", "b"), step("claim", "c"), step("notify", "d"))
 KEY = {"Idempotency-Key": "encounter-crash-1"}
-
-
-@pytest.fixture
-async def ledgers() -> AsyncIterator[list[Ledger]]:
-    journal: list[tuple[str, str, str]] = []
-    started = [await Ledger(name, journal=journal).start() for name in ("b", "c", "d")]
-    yield started
-    for ledger in started:
-        await ledger.stop()
 
 
 async def crash_and_resume(make_mesh: Callable[..., Mesh], tmp_path: Path, store: str,

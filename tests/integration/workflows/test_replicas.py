@@ -11,7 +11,7 @@ its step's answer, and the other takes the saga over at once.
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,6 @@ from tests.support.workflows import (
 pytestmark = pytest.mark.timeout(120)
 SAGAS = 12
 NO_BREAKER = {"circuit_breaker": {"failure_threshold": 1000}}
-
-
-@pytest.fixture
-async def ledgers() -> AsyncIterator[list[Ledger]]:
-    started = [await Ledger(name).start() for name in ("b", "c", "d")]
-    yield started
-    for ledger in started:
-        await ledger.stop()
 
 
 async def replicas(mesh: Mesh, store: str, ledgers: list[Ledger]) -> list[SidecarProcess]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,15 +23,6 @@ from tests.support.workflows import (
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def ledgers() -> AsyncIterator[list[Ledger]]:
-    journal: list[tuple[str, str, str]] = []
-    started = [await Ledger(name, journal=journal).start() for name in ("b", "c", "d")]
-    yield started
-    for ledger in started:
-        await ledger.stop()
 
 
 THREE = saga(step("verify", "b"), step("claim", "c"), step("notify", "d"))
