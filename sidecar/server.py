@@ -20,7 +20,6 @@ from sidecar.config import loader as config_loader
 from sidecar.config.settings import Config, Limits
 from sidecar.http import edge, listener, transport
 from sidecar.http.headers import ATTEMPTS, REASON, SIDECAR_PREFIX
-from sidecar.paths import RouteTable
 from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.bulkhead import Bulkheads
@@ -30,8 +29,7 @@ from sidecar.tasks import TaskGroup
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import setup_tracing
 from sidecar.wiring import Shared, Wiring, wire
-from sidecar.workflows.backends import open_store
-from sidecar.workflows.engine import Engine, lease_for
+from sidecar.workflows.lifecycle import StoreUnavailable, open_engine, start_shipper
 from sidecar.workflows.shipping import Shipper
 
 log = logging.getLogger("sidecar")
@@ -85,7 +83,12 @@ class Sidecar:
         )
         self._reload_state(config)
         if config.workflows is not None:
-            self.shared.workflows = await self._workflow_engine(config)
+            try:
+                self.shared.workflows = await open_engine(
+                    config, handler=self._workflow_call, tracing=self.shared.tracing,
+                    metrics=self.shared.metrics, clock=self.clock)
+            except StoreUnavailable:
+                raise StartFailed from None
         self.wiring = wire(config, self.shared)
         limits = config.limits
         # The calling sidecar adds a few headers of its own (token, trace
@@ -99,7 +102,9 @@ class Sidecar:
         if self.shared.workflows is not None:
             # After the stacks: resumed work goes out through them at once.
             await self.shared.workflows.start()
-            self.shipper = self._audit_shipper(config, self.shared.workflows)
+            self.shipper = start_shipper(config, self.shared.workflows,
+                                         handler=self._workflow_call,
+                                         tracing=self.shared.tracing, clock=self.clock)
         log.info("sidecar started", extra={
             "service": config.service,
             "listeners": {name: f"{h}:{p}" for name, (h, p) in self.addresses().items()},
@@ -115,36 +120,6 @@ class Sidecar:
             on_refused=lambda reply: self._refused(direction, reply),
             # No attempt is made for a request refused while parsing.
             answer_headers={ATTEMPTS: "0"} if direction == "outbound" else None)
-
-    async def _workflow_engine(self, config: Config) -> Engine:
-        assert self.shared is not None and config.workflows is not None
-        try:
-            store = await open_store(config.workflows.store)
-        except Exception as exc:
-            log.error("workflow store could not be opened",
-                      extra={"error": type(exc).__name__, "detail": str(exc)
-                             if isinstance(exc, RuntimeError | OSError) else None})
-            raise StartFailed from None
-        timeouts = [s.policy.timeout for s in config.services.values()]
-        engine = Engine(store=store, handler=self._workflow_call, settings=config.workflows,
-                        service=config.service, tracing=self.shared.tracing, clock=self.clock,
-                        lease=lease_for(max(timeouts, default=config.defaults.timeout)),
-                        metrics=self.shared.metrics)
-        self.shared.metrics.count_workflows(dead_letters=lambda: engine.dead_letters)
-        return engine
-
-    def _audit_shipper(self, config: Config, engine: Engine) -> Shipper | None:
-        ship = config.audit.ship
-        if ship is None or config.audit.path is None:
-            return None
-        assert self.shared is not None
-        routes = RouteTable(config.services[ship.service].routes)
-        shipper = Shipper(settings=ship, audit_path=config.audit.path, store=engine.store,
-                          handler=self._workflow_call, service=config.service,
-                          route=routes.template(ship.path), tracing=self.shared.tracing,
-                          clock=self.clock)
-        shipper.start()
-        return shipper
 
     async def _workflow_call(self, call: Call) -> Reply:
         """A workflow's call, through the outbound stack of the config in force now."""

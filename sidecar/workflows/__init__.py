@@ -11,6 +11,7 @@
     engine.py       runs sagas and deliveries: write-ahead, claims, retries, purge
     calls.py        one workflow call through the outbound stack, and its verdict
     shipping.py     the audit records, in order, to a collector service
+    lifecycle.py    the engine and the shipper of one sidecar process, from its config
     crash.py        test-only kill points (SIDECAR_CRASH_AT)
 
 Every call the engine makes goes through the outbound stack as a `Handler`
