@@ -20,6 +20,12 @@ tools:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) >/dev/null \
 	      || echo "docker-compose could not be installed; compose validation tests will skip"; \
 	  else echo "docker-compose missing and not root; compose validation tests will skip"; fi; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing postgresql (Debian) for the workflow store tests"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql) >/dev/null \
+	      || { echo "postgresql could not be installed"; exit 1; }; \
+	  else echo "postgresql is missing and this is not root: install Debian's postgresql package"; exit 1; fi; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check sidecar tests deploy bench
@@ -31,8 +37,10 @@ typecheck: $(STAMP)
 imports: $(STAMP)
 	$(BIN)/lint-imports
 
+# The workflow store tests start their own PostgreSQL server (tests/support/postgres.py);
+# here a missing server fails the run instead of skipping those tests.
 test: $(STAMP) tools lint typecheck imports
-	$(BIN)/pytest -q
+	SIDECAR_POSTGRES=required $(BIN)/pytest -q
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
@@ -44,6 +52,7 @@ demo: $(STAMP)
 # BENCH_QUICK=1: one short round of a subset. Results in bench/results/.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.sagas $(if $(BENCH_QUICK),--requests 500 --sagas 60)
 
 # py-spy on both sidecars of the mesh path under a fixed rate: flame graphs and top functions.
 profile: $(STAMP)

@@ -1,4 +1,5 @@
-"""The bench's app: every GET answers 200 with the same JSON body of 1 KiB.
+"""The bench's app: every GET answers 200 with the same JSON body of 1 KiB
+(and every POST, a saga's step, 201 with it).
 
 It does nothing else (no recording, no scripting), so that what the bench
 measures is the sidecars, not the app. `serving()` runs it in the caller's
@@ -32,11 +33,17 @@ BODY = _body()
 def application() -> web.Application:
     app = web.Application()
     app.router.add_get("/{tail:.*}", answer)
+    app.router.add_post("/{tail:.*}", made)
     return app
 
 
 async def answer(request: web.Request) -> web.Response:
     return web.Response(body=BODY, content_type="application/json")
+
+
+async def made(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(status=201, body=BODY, content_type="application/json")
 
 
 @contextlib.asynccontextmanager

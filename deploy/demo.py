@@ -6,10 +6,12 @@ It runs the Compose topology of `deploy/`: four example services, each with
 its own sidecar, and the `edge` sidecar that outside callers use. As root,
 where `ip netns` works, every service gets a network namespace of its own,
 exactly as a Compose container (`deploy.netns`); elsewhere everything runs on
-127.0.0.1 with a port set per service. Then it drives encounters, shows the
-identities each app saw, a refused call, a dependency failing and its callers'
-breakers opening and closing, the trace of each encounter, and the audit
-trail, and stops everything. Nothing outside 127.0.0.0/8 and the namespaces'
+127.0.0.1 with a port set per service. Then it drives encounters, each a saga
+in healthcare-api's sidecar, shows the identities each app saw, the trace of
+each encounter, a refused call, a saga whose billing step fails and is
+compensated, a sidecar killed mid-saga and started again, compliance-monitor
+going away with its callers' breakers opening while no event or audit record
+is lost, the audit trail, and stops everything. Nothing outside 127.0.0.0/8 and the namespaces'
 own 198.18.0.0/24 is contacted, unless OTEL_EXPORTER_OTLP_ENDPOINT says so.
 
 Environment:
@@ -47,14 +49,20 @@ from deploy.apps.common import AppSettings, Neighbours, Reply
 from deploy.mesh import CONFIG_DIR, LocalMesh, loopback_placement, netns_placement
 from deploy.process import ProcessError
 from deploy.topology import APPS, EDGE, SERVICES
+from sidecar.workflows.crash import VARIABLE as CRASH_POINT_VARIABLE
 
-TIME_LIMIT = 55.0  # seconds for the whole demo, clean-up excluded
-# Short enough to watch: the shipped configs open after 5 failures and probe after 10 s.
+TIME_LIMIT = 80.0  # seconds for the whole demo, clean-up excluded
+# Short enough to watch: the shipped configs open after 5 failures and probe after 10 s,
+# redeliver up to 10 s apart and ship audit records every second.
 DEMO_BREAKER = {"failure_threshold": 2, "recovery_timeout": "2s"}
+DEMO_REDELIVERY = {"base": "200ms", "max": "1s"}
+DEMO_SHIP_INTERVAL = "300ms"
 FAILING = "compliance-monitor"  # the dependency the demo stops
 REPORTERS = ("insurance-verification", "billing-engine")  # its callers
-MAX_FAILING_ENCOUNTERS = 8
-RECOVERY_WITHIN = 12.0
+ORCHESTRATOR = "healthcare-api"  # whose sidecar runs the encounter sagas
+CRASH_POINT = "after-action:claim"  # billing-engine has filed the claim; the sidecar dies
+TOO_MUCH_CENTS = 20_000_000  # over billing-engine's limit: it refuses the claim
+WITHIN = 20.0  # seconds any awaited outcome gets
 TRACE_WAIT = 5.0
 RULE = "=" * 72
 
@@ -129,6 +137,8 @@ class Demo:
             self.workdir,
             tracing_endpoint=tracing_endpoint,
             breaker=DEMO_BREAKER,
+            redelivery=DEMO_REDELIVERY,
+            ship_interval=DEMO_SHIP_INTERVAL,
             env=self._otel_env(),
         )
         self._describe_sites()
@@ -141,6 +151,8 @@ class Demo:
             f"Configs: deploy/config/*.yaml, rewritten for this machine, in {self.workdir}/config.",
             f"Breakers shortened for the demo: {narration.breaker_text(DEMO_BREAKER)}",
             f"  (deploy/config: {narration.breaker_text(_shipped_breaker())}).",
+            "Workflows: every sidecar keeps a workflow store (SQLite, WAL) in",
+            f"  {self.workdir}/workflows and ships its audit records to {FAILING}.",
             f"Process logs (sidecars log JSON lines): {self.mesh.logs_dir}",
         )
         started = time.monotonic()
@@ -211,34 +223,38 @@ class Demo:
     # ---- 2. encounters
 
     async def encounters(self) -> list[Encounter]:
-        heading("2. Encounters: edge -> healthcare-api -> insurance-verification, billing-engine")
+        heading("2. Encounters as sagas: verify coverage -> file the claim -> notify")
         say(
-            "Each app calls its neighbours through its own sidecar (127.0.0.1:15001). The",
-            "caller's sidecar adds a signed token naming the caller; the callee's sidecar",
-            "verifies it and its policy, and hands the app the verified name in",
-            "x-source-service. Every app echoes what it saw:",
+            "healthcare-api hands each encounter to its own sidecar as a saga",
+            "(POST 127.0.0.1:15001/_sidecar/v1/sagas): three steps, each with its",
+            "compensation, run durably by the sidecar and sent through its outbound stack",
+            "with a signed token, so each callee's sidecar verifies the caller and hands",
+            "the app the verified name in x-source-service. The apps report compliance",
+            "events by fan-out: their sidecar stores each one and delivers it. Every app",
+            "echoes what it saw:",
         )
         done = []
         for patient in ("TEST-PATIENT-001", "TEST-PATIENT-002", "TEST-PATIENT-003"):
             reply = await self._encounter(patient)
             done.append(Encounter(patient, reply))
             say("", f"Encounter for {patient}: {narration.status_text(reply)}")
+            say(f"  saga: {narration.saga_text(reply.field('saga'))}")
             say(*narration.call_lines(EDGE, reply.summary(), depth=1))
         ok = [e for e in done if e.reply.ok]
         if len(ok) != 2 or not all(narration.callers_verified(EDGE, e.reply.summary()) for e in ok):
             self.problems.append("the encounters did not all go through as expected")
         say(
             "",
-            "TEST-PATIENT-003's coverage has lapsed: healthcare-api answers 422 itself;",
-            "the mesh delivered every call.",
+            "TEST-PATIENT-003's coverage has lapsed: the verify step is refused (422), the",
+            "saga ends compensated with nothing to undo, and nothing is billed.",
         )
         return done
 
-    async def _encounter(self, patient: str) -> Reply:
+    async def _encounter(self, patient: str, **fields: Any) -> Reply:
         assert self.mesh is not None
         async with self.mesh.session(EDGE) as session:
             edge = Neighbours(session, AppSettings(outbound=self.mesh.sites[EDGE].outbound_url))
-            return await post_encounter(edge, patient)
+            return await post_encounter(edge, patient, **fields)
 
     # ---- 3. traces
 
@@ -255,8 +271,8 @@ class Demo:
             return
         say(
             "Every sidecar sends its spans (OTLP/HTTP) to the demo's own receiver. Client spans",
-            "are made by the calling sidecar, server spans by the called one; the apps only",
-            "pass `traceparent` on.",
+            "are made by the calling sidecar, server spans by the called one, an internal span",
+            "for each saga step and fan-out delivery; the apps only pass `traceparent` on.",
         )
         for encounter in encounters:
             if encounter.trace_id is None:
@@ -264,8 +280,7 @@ class Demo:
                 continue
             tree = encounter.reply.summary()
             expected = narration.services_in(EDGE, tree)
-            # A client span from the caller and a server span from the callee per hop.
-            wanted = 2 * narration.hops(tree)
+            wanted = narration.spans_expected(tree, encounter.reply.field("saga"))
             spans = await self.receiver.wait_for_trace(
                 encounter.trace_id, services=expected, spans=wanted, within=TRACE_WAIT
             )
@@ -316,62 +331,151 @@ class Demo:
         if status != 401:
             self.problems.append(f"expected 401 token_missing, got {status}")
 
-    # ---- 5. a failing dependency
+    # ---- 5. a saga that fails and is compensated
 
-    async def failing_dependency(self) -> None:
-        assert self.mesh is not None
-        heading(f"5. A failing dependency: {FAILING} stops, its callers' breakers open")
-        code = await self.mesh.stop_app(FAILING)
+    async def rollback(self) -> None:
+        heading("5. A saga whose billing step fails: the verification is voided")
         say(
-            f"Stopped the {FAILING} app (SIGTERM, exit {code}); its sidecar keeps running",
-            "and answers 503 upstream_connect_failure. Reporting is best effort, so",
-            "encounters still succeed, but each report failure counts against the breakers",
-            f"of {' and '.join(REPORTERS)}:",
+            f"An encounter for {TOO_MUCH_CENTS} cents: insurance-verification verifies the",
+            "coverage, billing-engine refuses the claim (400, over its limit). A 4xx fails",
+            "the saga at once; the sidecar runs the completed steps' compensations in",
+            "reverse (here: void the verification), each with its own Idempotency-Key:",
             "",
         )
-        for number in range(1, MAX_FAILING_ENCOUNTERS + 1):
-            reports = await self._reporting_encounter(number, "TEST-PATIENT-001")
-            if reports and all(node.get("reason") == "circuit_open" for node in reports.values()):
-                answer = next(iter(reports.values())).get("answer")
-                say("", "  The circuit_open answer, made by the caller's own sidecar:")
-                say(*narration.indented(json.dumps(answer, indent=2), "    "))
-                break
-        else:
-            self.problems.append(f"the breakers towards {FAILING} never opened")
+        reply = await self._encounter("TEST-PATIENT-001", amount_cents=TOO_MUCH_CENTS)
+        saga = reply.field("saga")
+        say(f"Encounter: {narration.status_text(reply)}: {reply.field('error')}")
+        say(f"  saga: {narration.saga_text(saga)}")
+        steps = {step["name"]: step["status"] for step in (saga or {}).get("steps", [])}
+        if reply.status != 409 or (saga or {}).get("state") != "compensated" or steps != {
+            "verify": "compensated", "claim": "failed", "notify": "pending"
+        }:
+            self.problems.append("the failed claim was not compensated as described")
+
+    # ---- 6. a sidecar killed mid-saga
+
+    async def crash(self) -> None:
+        assert self.mesh is not None
+        heading(f"6. {ORCHESTRATOR}'s sidecar is killed mid-saga, and started again")
+        sidecar = self.mesh.sidecars[ORCHESTRATOR]
+        await sidecar.stop()
+        sidecar.env[CRASH_POINT_VARIABLE] = CRASH_POINT
+        await self.mesh.start_sidecar(ORCHESTRATOR)
+        say(
+            f"Restarted {ORCHESTRATOR}'s sidecar with {CRASH_POINT_VARIABLE}={CRASH_POINT}: it",
+            "SIGKILLs itself right after billing-engine has filed the claim and before the",
+            "sidecar has recorded that: the worst moment. Every transition is written to the",
+            "store before the call it leads to, so the saga is not lost:",
+            "",
+        )
+        encounter_id = "ENC-DEMO-CRASH"
+        first = await self._encounter("TEST-PATIENT-002", encounter_id=encounter_id)
+        code = await sidecar.wait_exit(10)
+        say(f"  the encounter's answer: {narration.status_text(first)} "
+            f"(the sidecar exited with {code}: SIGKILL)")
+        del sidecar.env[CRASH_POINT_VARIABLE]
+        await self.mesh.start_sidecar(ORCHESTRATOR)
+        again = await self._encounter("TEST-PATIENT-002", encounter_id=encounter_id)
+        saga = again.field("saga") or {}
+        claim = next((s for s in saga.get("steps", []) if s["name"] == "claim"), {})
+        billed = next((n for n in again.field("calls") or [] if n.get("service") ==
+                       "billing-engine"), {})
+        say(
+            "  started again; the saga resumed and sent the claim step again, with the same",
+            f"  key: billing-engine answered {billed.get('status')} (replayed: "
+            f"{billed.get('replayed')}), one claim.",
+            f"  The client posted {encounter_id} again: {narration.status_text(again)}",
+            f"  saga: {narration.saga_text(saga)}; claim attempts: {claim.get('attempts')}",
+        )
+        if code != -9 or again.status != 201 or billed.get("replayed") is not True:
+            self.problems.append("the saga did not resume as described after the kill")
+
+    # ---- 7. compliance-monitor away, 8. back
+
+    async def compliance_away(self) -> list[str]:
+        assert self.mesh is not None
+        heading(f"7. {FAILING} stops: nothing is lost, its callers' breakers open")
+        code = await self.mesh.stop_app(FAILING)
+        say(
+            f"Stopped the {FAILING} app (SIGTERM, exit {code}); its sidecar answers 503",
+            "upstream_connect_failure. Encounters still succeed: the compliance events wait",
+            "in their sidecars' fan-outs, retried with backoff, and every sidecar's audit",
+            "records wait behind their shipping cursor. The failed deliveries count against",
+            f"the breakers of {' and '.join(REPORTERS)}:",
+            "",
+        )
+        ids = []
+        for number, patient in enumerate(("TEST-PATIENT-001", "TEST-PATIENT-002"), start=1):
+            reply = await self._encounter(patient)
+            ids.append(str(reply.field("encounter_id")))
+            say(f"  encounter {number}: {narration.status_text(reply)}")
+        await self._wait(lambda: self._breakers_are("open"), "the breakers to open")
         await self._show_breakers("Breakers, from each caller's admin port (/admin/services):")
         await self._show_circuit_metric(REPORTERS[0])
+        say("", "Waiting deliveries, from each caller's /admin/workflows:")
+        for caller in REPORTERS:
+            _, state = await self.mesh.admin(caller, "/admin/workflows")
+            say(f"  {caller}: fan-outs {state['fanouts']}, dead letters {state['dead_letters']}")
+        return ids
 
-    async def recovery(self) -> None:
+    async def compliance_back(self, ids: list[str]) -> None:
         assert self.mesh is not None
-        heading(f"6. {FAILING} comes back: a probe closes each breaker")
+        heading(f"8. {FAILING} comes back: the events and audit records arrive")
         self.mesh.start_app(FAILING)
         await self.mesh.wait_ready(FAILING)
         say(
-            f"Started the {FAILING} app again; its sidecar is ready. After "
-            f"{DEMO_BREAKER['recovery_timeout']} an open",
-            "breaker lets one probe call through; a success closes it:",
+            f"Started the {FAILING} app again (its memory is empty). Each open breaker lets",
+            f"one probe through {DEMO_BREAKER['recovery_timeout']} after opening; the next",
+            "redelivery succeeds and closes it. The events of the two encounters, each",
+            "stored once (its Idempotency-Key), as compliance-monitor lists them:",
             "",
         )
-        ends = time.monotonic() + RECOVERY_WITHIN
-        number = 0
-        while time.monotonic() < ends:
-            number += 1
-            reports = await self._reporting_encounter(number, "TEST-PATIENT-002")
-            if reports and all(node.get("status") == 202 for node in reports.values()):
-                break
-            await asyncio.sleep(0.5)
-        states = [await self.mesh.breaker_state(caller, FAILING) for caller in REPORTERS]
-        if states != ["closed"] * len(REPORTERS):
-            self.problems.append(f"the breakers towards {FAILING} did not close again")
+        events = await self._wait(lambda: self._events_for(ids), "the held events") or []
+        for event in events:
+            say(f"  event {event['event_id']}: {event['kind']:<18} reported by "
+                f"{event['reported_by']:<22} encounter {event['encounter_id']}")
+        await self._wait(lambda: self._breakers_are("closed"), "the breakers to close")
         await self._show_breakers("Breakers now:")
+        chains = await self._wait(self._all_chains, "every sidecar's audit records") or {}
+        say("", f"{FAILING}'s GET /audit/chains: each sidecar's shipped records, deduplicated,",
+            "each one hashed and linked to the one before:")
+        for name, chain in chains.items():
+            say(f"  {name:<24} {chain['records']:>4} records, intact: {chain['intact']}")
+        if not all(chain["intact"] for chain in chains.values()):
+            self.problems.append("a shipped audit chain did not verify")
 
-    async def _reporting_encounter(self, number: int, patient: str) -> dict[str, narration.Node]:
-        """An encounter, told in one line with how its reports to FAILING went."""
-        reply = await self._encounter(patient)
-        reports = narration.calls_to(reply.summary(), FAILING)
-        outcome = reply.status if reply.status is not None else reply.error
-        say(f"  encounter {number}: {outcome}; reports: {narration.calls_text(reports)}")
-        return reports
+    async def _wait(self, check: Any, what: str) -> Any:
+        ends = time.monotonic() + WITHIN
+        while time.monotonic() < ends:
+            found = await check()
+            if found:
+                return found
+            await asyncio.sleep(0.2)
+        self.problems.append(f"gave up waiting for {what}")
+        return None
+
+    async def _breakers_are(self, state: str) -> bool:
+        assert self.mesh is not None
+        states = [await self.mesh.breaker_state(caller, FAILING) for caller in REPORTERS]
+        return states == [state] * len(REPORTERS)
+
+    async def _events_for(self, ids: list[str]) -> list[dict[str, Any]]:
+        """The two events of each encounter in `ids` (coverage, claim), once all are there."""
+        listed = await self._edge_get(FAILING, "/events")
+        events = [e for e in (listed or {}).get("events", []) if e.get("encounter_id") in ids]
+        return events if len(events) == 2 * len(ids) else []
+
+    async def _all_chains(self) -> dict[str, Any]:
+        listed = await self._edge_get(FAILING, "/audit/chains")
+        chains = (listed or {}).get("chains", {})
+        return chains if set(SERVICES) <= set(chains) else {}
+
+    async def _edge_get(self, service: str, path: str) -> Any:
+        assert self.mesh is not None
+        async with self.mesh.session(EDGE) as session:
+            edge = Neighbours(session, AppSettings(outbound=self.mesh.sites[EDGE].outbound_url))
+            answer = await edge.call(service, "GET", path, context={})
+        return answer.body if answer.ok else None
 
     async def _show_breakers(self, title: str) -> None:
         assert self.mesh is not None
@@ -386,7 +490,8 @@ class Demo:
         lines = [
             line
             for line in str(text).splitlines()
-            if line.startswith("sidecar_circuit_state{") and f'peer="{FAILING}"' in line
+            if (line.startswith("sidecar_circuit_state{") and f'peer="{FAILING}"' in line)
+            or line.startswith("sidecar_deliveries_total{")
         ]
         if lines:
             say("", f"The same in {caller}'s Prometheus metrics (/metrics):")
@@ -396,7 +501,7 @@ class Demo:
 
     async def stop(self) -> None:
         assert self.mesh is not None
-        heading("7. Stopping: apps first, then their sidecars (SIGTERM, drain, exit 0)")
+        heading("9. Stopping: apps first, then their sidecars (SIGTERM, drain, exit 0)")
         codes = await self.mesh.stop()
         for name, code in codes.items():
             say(f"  {name:<32} exit {code}")
@@ -407,7 +512,7 @@ class Demo:
 
     async def audit(self) -> None:
         assert self.mesh is not None
-        heading("8. The audit trail: one hash-chained line per call decision, per sidecar")
+        heading("10. The audit trail: one hash-chained line per call decision, per sidecar")
         say(
             "No bodies, query strings, tokens or identifiers: path segments that could be",
             "identifiers are {id}. A few lines each, then `sidecar audit verify`:",
@@ -464,8 +569,10 @@ async def run(demo: Demo) -> None:
     encounters = await demo.encounters()
     await demo.traces(encounters)
     await demo.refusals()
-    await demo.failing_dependency()
-    await demo.recovery()
+    await demo.rollback()
+    await demo.crash()
+    held = await demo.compliance_away()
+    await demo.compliance_back(held)
     await demo.stop()
     await demo.audit()
 

@@ -10,9 +10,10 @@
   rewritten to 127.0.0.1:<port>.
 
 The configs are `deploy/config/<service>.yaml` with only what this machine
-needs rewritten: key and JWKS paths, the audit path, the tracing endpoint when
-one is given, the breaker settings when asked (a demo cannot wait 10 s), and,
-on loopback, the addresses. Keys come from `sidecar keygen` and `sidecar jwks`,
+needs rewritten: key and JWKS paths, the audit path, the workflow store's
+file, the tracing endpoint when one is given, the breaker, redelivery and
+shipping pace when asked (a demo cannot wait 10 s), and, on loopback, the
+addresses. Keys come from `sidecar keygen` and `sidecar jwks`,
 as a user makes them. The processes are `deploy.process`'s, the harness the
 tests and the bench use too.
 """
@@ -132,8 +133,11 @@ def adapt_config(
     private_key: Path,
     jwks: Path,
     audit: Path,
+    store: Path | None = None,
     tracing_endpoint: str | None = None,
     breaker: Mapping[str, Any] | None = None,
+    redelivery: Mapping[str, Any] | None = None,
+    ship_interval: str | None = None,
 ) -> dict[str, Any]:
     """A Compose config made runnable here; everything not named above stays as shipped."""
     out = copy.deepcopy(dict(doc))
@@ -143,6 +147,14 @@ def adapt_config(
         "jwks_file": str(jwks),
     }
     out["audit"] = {**(out.get("audit") or {}), "path": str(audit)}
+    if ship_interval is not None and out["audit"].get("ship"):
+        out["audit"]["ship"] = {**out["audit"]["ship"], "interval": ship_interval}
+    if out.get("workflows") is not None:
+        workflows = out["workflows"] = dict(out["workflows"])
+        if store is not None:
+            workflows["store"] = f"sqlite://{store}"
+        if redelivery:
+            workflows["redelivery"] = {**(workflows.get("redelivery") or {}), **redelivery}
     if tracing_endpoint is not None:
         out["tracing"] = {**(out.get("tracing") or {}), "endpoint": tracing_endpoint}
     if breaker:
@@ -167,6 +179,8 @@ class LocalMesh:
     workdir: Path
     tracing_endpoint: str | None = None
     breaker: Mapping[str, Any] | None = None
+    redelivery: Mapping[str, Any] | None = None
+    ship_interval: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)  # extra variables for every process
     config_dir: Path = CONFIG_DIR
     apps: dict[str, Process] = field(default_factory=dict)
@@ -191,6 +205,9 @@ class LocalMesh:
     def audit_path(self, service: str) -> Path:
         return self.workdir / "audit" / f"{service}.jsonl"
 
+    def store_path(self, service: str) -> Path:
+        return self.workdir / "workflows" / f"{service}.db"
+
     # -- set-up
 
     async def prepare(self) -> None:
@@ -214,8 +231,11 @@ class LocalMesh:
                 private_key=keyring.private_key(service),
                 jwks=keyring.jwks_path,
                 audit=self.audit_path(service),
+                store=self.store_path(service),
                 tracing_endpoint=self.tracing_endpoint,
                 breaker=self.breaker,
+                redelivery=self.redelivery,
+                ship_interval=self.ship_interval,
             )
             self.sidecars[service] = self._sidecar(service, doc)
             self.sidecars[service].write_config()
@@ -231,6 +251,10 @@ class LocalMesh:
                 for service, sidecar in self.sidecars.items()
             )
         )
+
+    async def start_sidecar(self, service: str, within: float = READY_WITHIN) -> None:
+        """`service`'s sidecar again (after `stop` or a kill), until it is ready."""
+        await self.sidecars[service].start(within, watch=self._app_of(service))
 
     def start_app(self, service: str) -> Process:
         site = self.sites[service]

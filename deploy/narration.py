@@ -1,8 +1,10 @@
 """How `make demo` puts what happened into words: call trees and audit records as text.
 
 Pure functions over the apps' call trees (`deploy.apps.common.Reply.summary()`:
-nested `{"service", "status", "reason", "source_service", "calls"}`) and over
-audit records, so the demo's wording is tested without running anything.
+nested `{"service", "status", "reason", "source_service", "calls"}`; a node
+with `"via": "fan-out"` is an event the caller's sidecar took for delivery),
+over saga views (`GET /_sidecar/v1/sagas/{id}`) and over audit records, so the
+demo's wording is tested without running anything.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ def call_lines(caller: str, node: Node, depth: int = 0) -> list[str]:
         answer += f" ({node['error']})"
     hop = f"{'  ' * depth}{caller} -> {node.get('service')}"
     seen = node.get("source_service")
-    note = f"app saw x-source-service: {seen}" if seen else "the app was not reached"
+    if node.get("via"):
+        note = f"queued by {caller}'s sidecar ({node['via']})"
+    else:
+        note = f"app saw x-source-service: {seen}" if seen else "the app was not reached"
     lines = [f"{hop:<54} {answer:<5}  {note}"]
     for child in children(node):
         lines += call_lines(str(node.get("service")), child, depth + 1)
@@ -41,10 +46,11 @@ def call_lines(caller: str, node: Node, depth: int = 0) -> list[str]:
 
 
 def callers_verified(caller: str, node: Node) -> bool:
-    """Every app that answered 2xx saw exactly its real caller as x-source-service."""
+    """Every app that answered 2xx saw exactly its real caller as x-source-service
+    (a fan-out node was answered by the caller's own sidecar, not by an app)."""
     status = node.get("status")
     answered = isinstance(status, int) and 200 <= status < 300
-    if answered and node.get("source_service") != caller:
+    if answered and not node.get("via") and node.get("source_service") != caller:
         return False
     return all(callers_verified(str(node.get("service")), child) for child in children(node))
 
@@ -57,30 +63,26 @@ def services_in(caller: str, node: Node) -> set[str]:
     return found
 
 
-def hops(node: Node) -> int:
-    """The calls in a call tree, this one included."""
-    return 1 + sum(hops(child) for child in children(node))
+def fanouts(node: Node) -> int:
+    """The events a call tree handed to fan-outs."""
+    own = 1 if node.get("via") == "fan-out" and node.get("status") == 202 else 0
+    return own + sum(fanouts(child) for child in children(node))
 
 
-def calls_to(tree: Node, target: str) -> dict[str, Node]:
-    """caller -> its call to `target`, for each call to `target` below the tree's root."""
-    found: dict[str, Node] = {}
-    for child in children(tree):
-        for call in children(child):
-            if call.get("service") == target:
-                found[str(child.get("service"))] = call
-    return found
+def spans_expected(tree: Node, saga: Mapping[str, Any] | None) -> int:
+    """Spans of one encounter's trace: the edge's client span and healthcare-api's
+    server span; per saga step sent, an internal, a client and a server span; the
+    same per fan-out delivery."""
+    sent = [step for step in (saga or {}).get("steps", []) if step.get("attempts")]
+    return 2 + 3 * len(sent) + 3 * fanouts(tree)
 
 
-def calls_text(calls: Mapping[str, Node]) -> str:
-    """`caller status [reason], ...` for the calls `calls_to` found."""
-    if not calls:
-        return "none made"
-    parts = []
-    for caller, node in calls.items():
-        reason = f" {node['reason']}" if node.get("reason") else ""
-        parts.append(f"{caller} {node.get('status')}{reason}")
-    return ", ".join(parts)
+def saga_text(saga: Mapping[str, Any] | None) -> str:
+    """`completed (verify done, claim done, notify done)`."""
+    if not saga:
+        return "none"
+    steps = ", ".join(f"{step['name']} {step['status']}" for step in saga.get("steps") or [])
+    return f"{saga.get('state')} ({steps})"
 
 
 def status_text(reply: Reply) -> str:

@@ -33,15 +33,23 @@ class Call:
     path: str
 
 
-# Every call the example apps make, each one admitted by its target's policy.
+# Every call the example apps and their sidecars make (saga steps, fan-out
+# deliveries, audit shipping), each one admitted by its target's policy.
 ALLOWED: tuple[Call, ...] = (
     Call(EDGE, "healthcare-api", "POST", "/encounters"),
     Call("healthcare-api", "insurance-verification", "GET", "/patients/TEST-PATIENT-001/coverage"),
+    Call("healthcare-api", "insurance-verification", "POST", "/verifications"),
+    Call("healthcare-api", "insurance-verification", "POST", "/verifications/VER-000001/void"),
     Call("healthcare-api", "billing-engine", "POST", "/claims"),
+    Call("healthcare-api", "billing-engine", "POST", "/claims/CLM-000001/cancel"),
     Call("healthcare-api", "billing-engine", "GET", "/claims/CLM-000001"),
+    Call("healthcare-api", "healthcare-api", "POST", "/encounters/ENC-1/notify"),
     Call("insurance-verification", "compliance-monitor", "POST", "/events"),
     Call("billing-engine", "compliance-monitor", "POST", "/events"),
     Call(EDGE, "compliance-monitor", "GET", "/events"),
+    Call(EDGE, "compliance-monitor", "GET", "/audit/chains"),
+    *(Call(source, "compliance-monitor", "POST", "/audit/records")
+      for source in (EDGE, *APPS)),
 )
 
 # Calls the target's policy refuses (403 policy_denied). Only the edge's reach a
@@ -51,6 +59,8 @@ DENIED: tuple[Call, ...] = (
     Call(EDGE, "insurance-verification", "GET", "/patients/TEST-PATIENT-001/coverage"),
     Call(EDGE, "compliance-monitor", "POST", "/events"),
     Call(EDGE, "healthcare-api", "GET", "/encounters"),
+    Call(EDGE, "healthcare-api", "POST", "/encounters/ENC-1/notify"),
+    Call(EDGE, "compliance-monitor", "POST", "/audit/chains"),
     Call("healthcare-api", "compliance-monitor", "POST", "/events"),
     Call("insurance-verification", "billing-engine", "POST", "/claims"),
     Call("billing-engine", "insurance-verification", "GET", "/patients/TEST-PATIENT-001/coverage"),
@@ -59,5 +69,5 @@ DENIED: tuple[Call, ...] = (
 
 
 def callees(source: str) -> set[str]:
-    """The services `source` calls in the seed workflow."""
+    """The services `source` (or its sidecar) calls."""
     return {call.target for call in ALLOWED if call.source == source}

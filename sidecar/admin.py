@@ -41,6 +41,8 @@ class AdminView(Protocol):
 
     def render_metrics(self) -> tuple[bytes, str]: ...
 
+    async def workflow_state(self) -> dict[str, Any] | None: ...  # None: no `workflows`
+
 
 def admin_app(view: AdminView) -> web.Application:
     app = web.Application()
@@ -90,7 +92,14 @@ def admin_app(view: AdminView) -> web.Application:
     app.router.add_post("/admin/shutdown", shutdown)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/admin/services", services)
+    async def workflows(request: web.Request) -> web.Response:
+        state = await view.workflow_state()
+        if state is None:
+            return web.json_response({"error": "workflows are not configured"}, status=404)
+        return web.json_response(state)
+
     app.router.add_get("/admin/config", config)
+    app.router.add_get("/admin/workflows", workflows)
     return app
 
 

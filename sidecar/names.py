@@ -17,6 +17,12 @@ SERVICE_NAME_RULE = (
 )
 """The rule `is_service_name` checks, in words, for error messages."""
 
+RESERVED_SERVICE = "_sidecar"
+"""The first path segment of the sidecar's own API (`/_sidecar/v1/...`): never a service."""
+
+API_PREFIX = f"/{RESERVED_SERVICE}/v1/"
+"""Where the sidecar's own API lives on the outbound port (SPEC "Workflows")."""
+
 ANY_SERVICE = "*"
 """A policy rule's `from` entry that allows every verified service."""
 

@@ -42,6 +42,9 @@ _ROWS = (
     Reason("body_stalled", 408, "Request body stalled", denial=True),
     # Not in SPEC's table: the last-resort answer when the sidecar itself failed.
     Reason("internal_error", 500, "Internal error"),
+    # Not in SPEC's table: the sidecar's own API (`/_sidecar/v1/`).
+    Reason("not_found", 404, "No such workflow resource"),
+    Reason("method_not_allowed", 405, "Method not allowed", denial=True),
 )
 
 REASONS: Mapping[str, Reason] = MappingProxyType({row.code: row for row in _ROWS})

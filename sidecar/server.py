@@ -31,14 +31,20 @@ from sidecar.tasks import TaskGroup
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import setup_tracing
 from sidecar.wiring import Shared, Wiring, wire
+from sidecar.workflows.lifecycle import StoreUnavailable, open_engine, start_shipper
+from sidecar.workflows.shipping import Shipper
 
 log = logging.getLogger("sidecar")
 
 # Settings a reload cannot change in a running process (SPEC: listen addresses
-# are kept until a restart; limits, audit file and tracing live in the listeners,
-# the audit log and the tracer, which are built once).
+# are kept until a restart; limits, audit file, tracing and the workflow store
+# live in the listeners, the audit log, the tracer and the engine, built once).
 MESH_HEADERS = 8
-RESTART_ONLY = ("service", "listen", "limits", "audit", "tracing")
+RESTART_ONLY = ("service", "listen", "limits", "audit", "tracing", "workflows")
+
+
+class StartFailed(Exception):
+    """The sidecar could not start; the log says why."""
 
 
 class Sidecar:
@@ -54,6 +60,7 @@ class Sidecar:
         self._listeners: dict[str, listener.Listener] = {}
         self.shared: Shared | None = None
         self.wiring: Wiring | None = None
+        self.shipper: Shipper | None = None
 
     # -- start -------------------------------------------------------------
 
@@ -77,6 +84,13 @@ class Sidecar:
             tracing=setup_tracing(config.tracing, service_name=config.service),
         )
         self._reload_state(config)
+        if config.workflows is not None:
+            try:
+                self.shared.workflows = await open_engine(
+                    config, handler=self._workflow_call, tracing=self.shared.tracing,
+                    metrics=self.shared.metrics, clock=self.clock)
+            except StoreUnavailable:
+                raise StartFailed from None
         self.wiring = wire(config, self.shared)
         limits = config.limits
         # The calling sidecar adds a few headers of its own (token, trace
@@ -87,6 +101,12 @@ class Sidecar:
         host, port = config.listen.admin
         self._listeners["admin"] = await listener.start_app(admin_app(self), host, port)
         self.listening = True
+        if self.shared.workflows is not None:
+            # After the stacks: resumed work goes out through them at once.
+            await self.shared.workflows.start()
+            self.shipper = start_shipper(config, self.shared.workflows,
+                                         handler=self._workflow_call,
+                                         tracing=self.shared.tracing, clock=self.clock)
         parser = listener.parser_in_use()
         log.info("sidecar started", extra={
             "service": config.service,
@@ -109,6 +129,11 @@ class Sidecar:
             on_refused=lambda reply: self._refused(direction, reply),
             # No attempt is made for a request refused while parsing.
             answer_headers={ATTEMPTS: "0"} if direction == "outbound" else None)
+
+    async def _workflow_call(self, call: Call) -> Reply:
+        """A workflow's call, through the outbound stack of the config in force now."""
+        assert self.wiring is not None
+        return await self.wiring.outbound(call)
 
     def addresses(self) -> dict[str, tuple[str, int]]:
         """The bound address of each listener (the real port when 0 was asked)."""
@@ -161,6 +186,10 @@ class Sidecar:
                 "endpoints": shared.pools.state(name) if shared else [],
             }
         return out
+
+    async def workflow_state(self) -> dict[str, Any] | None:
+        engine = self.shared.workflows if self.shared is not None else None
+        return await engine.state() if engine is not None else None
 
     def render_metrics(self) -> tuple[bytes, str]:
         assert self.shared is not None
@@ -281,6 +310,11 @@ class Sidecar:
         await self.close()
 
     async def close(self) -> None:
+        if self.shipper is not None:
+            await self.shipper.close()
+        if self.shared is not None and self.shared.workflows is not None:
+            # First, while the stacks still work: in-flight steps stop, claims are freed.
+            await self.shared.workflows.close()
         for held in reversed(list(self._listeners.values())):
             await held.close()
         self._listeners.clear()
@@ -316,7 +350,11 @@ def _drop_sidecar_headers(headers: CIMultiDict[str]) -> None:
 
 async def serve(config: Config) -> int:
     sidecar = Sidecar(config)
-    await sidecar.start()
+    try:
+        await sidecar.start()
+    except StartFailed:
+        await sidecar.close()
+        return 2
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, sidecar.shutdown)
     loop.add_signal_handler(signal.SIGINT, sidecar.shutdown)

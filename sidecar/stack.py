@@ -194,6 +194,9 @@ class Call:
     server_port: int | None = None  # the listener's port inbound, the endpoint's outbound
     started: float = 0.0  # monotonic time the call arrived (edge)
     trace: CallTrace | None = None  # (tracing)
+    # A call the workflow engine makes: the instance id and the step (workflows.engine).
+    workflow: str | None = None
+    step: str | None = None
     # What the edge read off the wire:
     http_version: str = "1.1"
     longest_header_line: int = 0  # "name: value" as sent; the parser bounds values alone

@@ -28,6 +28,8 @@ from sidecar.resilience.pools import Pools
 from sidecar.stack import Handler, Target
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import Tracing
+from sidecar.workflows import api as workflow_api
+from sidecar.workflows.engine import Engine
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
 
@@ -45,6 +47,7 @@ class Shared:
     pools: Pools
     metrics: Metrics
     tracing: Tracing
+    workflows: Engine | None = None  # with a `workflows` section
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +139,11 @@ def wire(config: Config, shared: Shared) -> Wiring:
     }
     hosts = set(LOOPBACK_NAMES)
     hosts.add(config.listen.outbound[0])
+    api = None
+    if shared.workflows is not None and config.workflows is not None:
+        api = workflow_api.handler(engine=shared.workflows, services=frozenset(targets),
+                                   max_body=config.limits.max_request_body,
+                                   max_steps=config.workflows.max_steps)
     return Wiring(
         config=config,
         outbound=outbound_stack.build(
@@ -144,6 +152,7 @@ def wire(config: Config, shared: Shared) -> Wiring:
             budgets=shared.budgets, breakers=shared.breakers, pools=shared.pools,
             limits=config.limits,
             targets=targets, local_hosts=frozenset(h.lower() for h in hosts), minter=minter,
+            api=api,
         ),
         inbound=inbound_stack.build(
             clock=shared.clock, session=shared.session, audit_log=shared.audit,

@@ -11,6 +11,9 @@ from tests.support.mesh import Mesh
 from tests.support.raw import CannedUpstream
 from tests.support.upstream import Upstream
 
+# A real PostgreSQL server for the workflow store tests (`postgres_server`, `pg_database`).
+pytest_plugins = ["tests.support.postgres"]
+
 
 @pytest.fixture
 async def make_mesh(tmp_path: Path) -> AsyncIterator[Callable[..., Mesh]]:

@@ -2,10 +2,14 @@
 
     POST /claims  (Idempotency-Key required) -> 201 {"claim": {...}}; the same key again
                                                 -> 200 with the same claim, "replayed": true
+    POST /claims/{claim_id}/cancel  (Idempotency-Key required) -> 200 | 404
     GET  /claims/{claim_id}                   -> 200 {"claim": {...}} | 404
 
-The key makes a retried POST safe, which is also what lets the sidecar retry
-it. A new claim is reported to compliance-monitor, best effort.
+Filing a claim is a step of an encounter's saga, and cancelling it that
+step's compensation. The key makes a step sent again (a retry, or a resend
+after the sidecar crashed) safe: it is filed or cancelled once. Each is
+reported to compliance-monitor through the sidecar's fan-out, which delivers
+it even while compliance-monitor is down.
 """
 
 from __future__ import annotations
@@ -17,14 +21,14 @@ from typing import Any, TypeGuard
 from aiohttp import web
 
 from deploy.apps.common import (
-    NEIGHBOURS,
     AppSettings,
     bad_request,
     base_app,
+    idempotency_key,
     json_object,
     reply,
+    report,
     run,
-    trace_context,
 )
 
 NAME = "billing-engine"
@@ -36,6 +40,8 @@ class Claims:
         self._numbers = itertools.count(1)
         self.by_key: dict[str, dict[str, Any]] = {}
         self.by_id: dict[str, dict[str, Any]] = {}
+        self.cancelled_by: dict[str, dict[str, Any]] = {}  # cancel key -> the claim
+        self.reports: dict[str, list[dict[str, Any]]] = {}  # key -> the first answer's calls
 
     def add(self, key: str, fields: dict[str, Any]) -> dict[str, Any]:
         claim = {"claim_id": f"CLM-{next(self._numbers):06d}", "status": "submitted", **fields}
@@ -71,28 +77,38 @@ def claim_fields(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def submit_claim(request: web.Request) -> web.Response:
-    key = request.headers.get("Idempotency-Key")
-    if not key:
-        raise bad_request("an Idempotency-Key header is required")
+    key = idempotency_key(request)
     claims = request.app[CLAIMS]
     if key in claims.by_key:
-        return reply(request, {"claim": claims.by_key[key], "replayed": True})
+        # The first answer again, so a step sent twice reads the same either time.
+        return reply(request, {"claim": claims.by_key[key], "replayed": True,
+                               "calls": claims.reports.get(key, [])})
     # Stored before the report goes out, so a retry arriving meanwhile is a replay.
     claim = claims.add(key, claim_fields(await json_object(request)))
-    report = await request.app[NEIGHBOURS].call(
-        "compliance-monitor",
-        "POST",
-        "/events",
-        context=trace_context(request),
-        json={
-            "kind": "claim-submitted",
-            "claim_id": claim["claim_id"],
-            "encounter_id": claim["encounter_id"],
-        },
+    node = await report(
+        request,
+        {"kind": "claim-submitted", "claim_id": claim["claim_id"],
+         "encounter_id": claim["encounter_id"]},
+        key=f"{claim['claim_id']}:submitted",
     )
-    return reply(
-        request, {"claim": claim, "replayed": False, "calls": [report.summary()]}, status=201
-    )
+    claims.reports[key] = [node]
+    return reply(request, {"claim": claim, "replayed": False, "calls": [node]}, status=201)
+
+
+async def cancel_claim(request: web.Request) -> web.Response:
+    key = idempotency_key(request)
+    claims = request.app[CLAIMS]
+    if key in claims.cancelled_by:
+        return reply(request, {"claim": claims.cancelled_by[key], "replayed": True})
+    claim = claims.by_id.get(request.match_info["claim_id"])
+    if claim is None:
+        return reply(request, {"error": "no such claim"}, status=404)
+    claim["status"] = "cancelled"
+    claims.cancelled_by[key] = claim
+    node = await report(request, {"kind": "claim-cancelled", "claim_id": claim["claim_id"],
+                                  "encounter_id": claim["encounter_id"]},
+                        key=f"{claim['claim_id']}:cancelled")
+    return reply(request, {"claim": claim, "replayed": False, "calls": [node]})
 
 
 async def get_claim(request: web.Request) -> web.Response:
@@ -106,6 +122,7 @@ def make_app(settings: AppSettings) -> web.Application:
     app = base_app(NAME, settings)
     app[CLAIMS] = Claims()
     app.router.add_post("/claims", submit_claim)
+    app.router.add_post("/claims/{claim_id}/cancel", cancel_claim)
     app.router.add_get("/claims/{claim_id}", get_claim)
     return app
 

@@ -41,12 +41,19 @@ async def post_encounter(
     patient_id: str,
     *,
     amount_cents: int | None = None,
+    encounter_id: str | None = None,
     context: Mapping[str, str] | None = None,
 ) -> Reply:
-    """One encounter through healthcare-api; the reply's body holds the call tree."""
+    """One encounter through healthcare-api; the reply's body holds the call tree.
+
+    The same `encounter_id` again (after a failure to hear the answer) finds the
+    same encounter: healthcare-api's saga is keyed by it.
+    """
     body: dict[str, Any] = {"patient_id": patient_id}
     if amount_cents is not None:
         body["amount_cents"] = amount_cents
+    if encounter_id is not None:
+        body["encounter_id"] = encounter_id
     return await neighbours.call(
         "healthcare-api", "POST", "/encounters", context=context or {}, json=body
     )
@@ -57,9 +64,11 @@ def render_tree(node: Mapping[str, Any], depth: int = 0) -> list[str]:
     status = node.get("status")
     reason = f" {node['reason']}" if node.get("reason") else ""
     error = f" {node['error']}" if node.get("error") else ""
+    seen = (f"(queued by its sidecar: {node['via']})" if node.get("via")
+            else f"(caller seen: {node.get('source_service') or '-'})")
     line = (
         f"{'  ' * depth}-> {node.get('service')} {status if status is not None else '---'}"
-        f"{reason}{error} (caller seen: {node.get('source_service') or '-'})"
+        f"{reason}{error} {seen}"
     )
     lines = [line]
     for child in node.get("calls") or []:

@@ -1,4 +1,4 @@
-"""What the example services share: settings, `/health`, and calling a neighbour.
+"""What the example services share: settings, `/health`, calling a neighbour, reporting.
 
 Nothing here knows about the sidecar beyond the address calls go to. A
 neighbour such as `billing-engine` is reached at `$BILLING_ENGINE_URL` when
@@ -6,6 +6,12 @@ that is set, else at `$SIDECAR_OUTBOUND/billing-engine` (the local sidecar's
 outbound port, which takes the first path segment as the service name). The
 app forwards the W3C trace context it was called with, as any traced app does,
 so the sidecars can join its calls into one trace.
+
+The sidecar's own API (`$SIDECAR_OUTBOUND/_sidecar/v1/...`) runs workflows
+for the app over plain HTTP: `Neighbours.workflow` calls it, and `report`
+hands a compliance event to a fan-out, so the sidecar delivers it even while
+compliance-monitor is down. Every answer an app gives carries its own
+`status`, so a workflow step's response can say how it went.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ DEFAULT_OUTBOUND = "http://127.0.0.1:15001"
 TRACE_HEADERS = ("traceparent", "tracestate")
 # Longer than the sidecar's own call timeout, so the sidecar's 504 reaches the app.
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=30)
+SIDECAR_API = "/_sidecar/v1"
+COMPLIANCE = "compliance-monitor"
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +48,11 @@ class AppSettings:
         """Where calls to `service` go: its own URL if configured, else via the sidecar."""
         base = self.upstreams.get(service) or f"{self.outbound.rstrip('/')}/{service}"
         return base.rstrip("/")
+
+    @property
+    def sidecar_api(self) -> str:
+        """The local sidecar's own API (workflows)."""
+        return self.outbound.rstrip("/") + SIDECAR_API
 
 
 def settings_from(
@@ -121,7 +134,24 @@ class Neighbours:
         json: Any = None,
         headers: Mapping[str, str] | None = None,
     ) -> Reply:
-        url = self._settings.url_for(service) + path
+        return await self._send(service, method, self._settings.url_for(service) + path,
+                                context=context, json=json, headers=headers)
+
+    async def workflow(
+        self,
+        method: str,
+        path: str,
+        *,
+        context: Mapping[str, str],
+        json: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Reply:
+        """A call to the local sidecar's own API: `POST /sagas`, `POST /fanout`, ..."""
+        return await self._send("sidecar", method, self._settings.sidecar_api + path,
+                                context=context, json=json, headers=headers)
+
+    async def _send(self, service: str, method: str, url: str, *, context: Mapping[str, str],
+                    json: Any, headers: Mapping[str, str] | None) -> Reply:
         sent = {**context, **(headers or {})}
         try:
             async with self._session.request(
@@ -188,7 +218,35 @@ async def json_object(request: web.Request) -> dict[str, Any]:
 
 
 def reply(request: web.Request, payload: Mapping[str, Any], status: int = 200) -> web.Response:
-    return web.json_response({**payload, **seen(request)}, status=status)
+    return web.json_response({**payload, **seen(request), "status": status}, status=status)
+
+
+def idempotency_key(request: web.Request) -> str:
+    """The request's Idempotency-Key, or a 400 that says it is needed."""
+    key = request.headers.get("Idempotency-Key")
+    if not key:
+        raise bad_request("an Idempotency-Key header is required")
+    return key
+
+
+async def report(request: web.Request, event: Mapping[str, Any], *, key: str) -> dict[str, Any]:
+    """Hand a compliance event to the sidecar's fan-out; the call-tree node of that.
+
+    The sidecar stores it before answering and delivers it to compliance-monitor
+    at least once, with `key` as its Idempotency-Key, however long that is down.
+    """
+    answer = await request.app[NEIGHBOURS].workflow(
+        "POST",
+        "/fanout",
+        context=trace_context(request),
+        json={"targets": [COMPLIANCE], "method": "POST", "path": "/events", "body": event},
+        headers={"Idempotency-Key": key},
+    )
+    node: dict[str, Any] = {"service": COMPLIANCE, "status": answer.status, "via": "fan-out",
+                            "reason": answer.reason, "fanout": answer.field("id")}
+    if answer.error is not None:
+        node["error"] = answer.error
+    return node
 
 
 def base_app(name: str, settings: AppSettings) -> web.Application:

@@ -49,6 +49,8 @@ def write_record(log: AuditLog, call: Call, reply: Reply, *, clock: Clock = SYST
         duration_ms=(clock.monotonic() - call.started) * 1000,
         attempts=call.attempts,
         trace_id=trace_id(call),
+        workflow=call.workflow,
+        step=call.step,
     )
 
 

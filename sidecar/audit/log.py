@@ -112,8 +112,14 @@ class AuditLog:
         duration_ms: float,
         attempts: int,
         trace_id: str,
+        workflow: str | None = None,
+        step: str | None = None,
     ) -> dict[str, Any]:
-        """Build, hash and queue one record; return it. `route` must already be templated."""
+        """Build, hash and queue one record; return it. `route` must already be templated.
+
+        `workflow` and `step` are set only on the calls of a workflow (SPEC
+        "Workflows"); other records do not carry the two keys at all.
+        """
         if self.path is not None and not self._started:
             raise RuntimeError("AuditLog.record called before start()")
         entry: dict[str, Any] = {
@@ -131,6 +137,9 @@ class AuditLog:
             "trace_id": trace_id,
             "prev_hash": self._prev_hash,
         }
+        if workflow is not None:
+            entry["workflow"] = workflow
+            entry["step"] = step
         # Serialised once: the hashed form (sorted keys) is also the line,
         # with `hash` appended as its last key.
         canonical = _canonical(entry)

@@ -175,7 +175,7 @@ class _Builder:
     def config(self, raw: dict[str, Any]) -> s.Config | None:
         raw = self.mapping(raw, "", {
             "service", "trust_domain", "listen", "drain_timeout", "identity", "inbound",
-            "limits", "defaults", "services", "tracing", "audit",
+            "limits", "defaults", "services", "tracing", "audit", "workflows",
         })
         if "service" not in raw:
             self.errors.add("service", "is required")
@@ -184,6 +184,9 @@ class _Builder:
         trust_domain = self.read(raw, "trust_domain", "", _trust_domain, base.trust_domain)
         defaults = self.service_policy(raw.get("defaults"), "defaults", base.defaults)
         services = self.services(raw.get("services"), defaults)
+        audit = self.audit(raw.get("audit"))
+        workflows = self.workflows(raw["workflows"]) if "workflows" in raw else base.workflows
+        self.check_ship(audit, services, workflows)
         return s.Config(
             service=service,
             trust_domain=trust_domain,
@@ -195,7 +198,8 @@ class _Builder:
             defaults=defaults,
             services=services,
             tracing=self.tracing(raw.get("tracing")),
-            audit=self.audit(raw.get("audit")),
+            audit=audit,
+            workflows=workflows,
         )
 
     def listen(self, raw: Any) -> s.Listen:
@@ -451,15 +455,83 @@ class _Builder:
         )
 
     def audit(self, raw: Any) -> s.Audit:
-        raw = self.mapping(raw, "audit", {"path"})
+        raw = self.mapping(raw, "audit", {"path", "ship"})
         base = s.Audit()
-        return s.Audit(path=self.read(raw, "path", "audit", _non_empty_str, base.path))
+        ship = base.ship
+        if raw.get("ship") is not None:
+            path = "audit.ship"
+            ship_raw = self.mapping(raw["ship"], path, {"service", "path", "batch", "interval"})
+            if "service" not in ship_raw:
+                self.errors.add(_join(path, "service"), "is required (the collector service)")
+            start = s.AuditShip(service="")
+            ship = s.AuditShip(
+                service=self.read(ship_raw, "service", path, _service_name, start.service),
+                path=self.read(ship_raw, "path", path, _plain_path, start.path),
+                batch=self.read(ship_raw, "batch", path, _int(1, 10_000), start.batch),
+                interval=self.read(ship_raw, "interval", path, _duration(positive=True),
+                                   start.interval),
+            )
+        return s.Audit(path=self.read(raw, "path", "audit", _non_empty_str, base.path),
+                       ship=ship)
+
+    def workflows(self, raw: Any) -> s.Workflows:
+        path = "workflows"
+        raw = self.mapping(raw, path, {"store", "max_steps", "retention", "redelivery",
+                                       "give_up_after"})
+        base = s.Workflows()
+        rpath = _join(path, "redelivery")
+        redelivery_raw = self.mapping(raw.get("redelivery"), rpath, {"base", "max"})
+        redelivery = s.Backoff(
+            base=self.read(redelivery_raw, "base", rpath, _duration(positive=True),
+                           base.redelivery.base),
+            max=self.read(redelivery_raw, "max", rpath, _duration(positive=True),
+                          base.redelivery.max),
+        )
+        if redelivery.max < redelivery.base:
+            self.errors.add(_join(rpath, "max"), "must not be less than base")
+        return s.Workflows(
+            store=self.read(raw, "store", path, self.store_url, base.store),
+            max_steps=self.read(raw, "max_steps", path, _int(1, 1000), base.max_steps),
+            retention=self.read(raw, "retention", path, _duration(positive=True),
+                                base.retention),
+            redelivery=redelivery,
+            give_up_after=self.read(raw, "give_up_after", path, _duration(positive=True),
+                                    base.give_up_after),
+        )
+
+    def store_url(self, value: Any) -> str:
+        """`sqlite://` and a file path (relative to the config's folder), or a PostgreSQL URL."""
+        if not isinstance(value, str):
+            raise ValueError("must be sqlite://PATH or postgresql://user@host/db")
+        scheme, sep, rest = value.partition("://")
+        if sep and scheme == "sqlite" and rest and not rest.endswith("/"):
+            file = Path(rest)
+            return "sqlite://" + str(file if file.is_absolute() else self.base_dir / file)
+        if sep and scheme in ("postgresql", "postgres") and urlsplit(value).hostname:
+            return value
+        raise ValueError("must be sqlite://PATH or postgresql://user@host/db")
+
+    def check_ship(self, audit: s.Audit, services: dict[str, s.Service],
+                   workflows: s.Workflows | None) -> None:
+        """`audit.ship` needs a collector it can route to, a file to read and a store."""
+        ship = audit.ship
+        if ship is None:
+            return
+        if ship.service and ship.service not in services:
+            self.errors.add("audit.ship.service", "must be one of `services`")
+        if audit.path is None:
+            self.errors.add("audit.ship", "needs audit.path: the records are read from it")
+        if workflows is None:
+            self.errors.add("audit.ship", "needs a `workflows` section: its cursor is kept "
+                                          "in the workflow store")
 
 
 # -- value converters: raise ValueError with a message that names the rule ---------
 
 
 def _service_name(value: Any) -> str:
+    if value == names.RESERVED_SERVICE:
+        raise ValueError(f"'{names.RESERVED_SERVICE}' is reserved for the sidecar's own API")
     if not names.is_service_name(value):
         raise ValueError(f"must be a service name: {names.SERVICE_NAME_RULE}")
     return str(value).lower()
@@ -486,6 +558,18 @@ def _method(value: Any) -> str:
 def _path_pattern(value: Any) -> str:
     paths.check_pattern(value)
     return str(value)
+
+
+def _plain_path(value: Any) -> str:
+    if not isinstance(value, str) or "*" in value or "{" in value or "?" in value:
+        raise ValueError("must be a plain path such as /audit/records")
+    try:
+        normal = paths.normalise(value)
+    except paths.BadPath as exc:
+        raise ValueError(f"must be a plain path such as /audit/records ({exc})") from None
+    if normal != value:
+        raise ValueError("must be a plain path such as /audit/records (already normalised)")
+    return value
 
 
 def _route_template(value: Any) -> str:
@@ -674,6 +758,16 @@ def redacted(config: s.Config) -> dict[str, Any]:
     for key in SECRET_KEYS:
         if doc["identity"].get(key):
             doc["identity"][key] = "[redacted]"
+    if doc["workflows"] is not None:
+        doc["workflows"]["store"] = _without_password(doc["workflows"]["store"])
     return doc
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:[redacted]@{host}").geturl()
 
 

@@ -143,8 +143,35 @@ class Tracing:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditShip:
+    """`audit.ship`: every audit record, in order and in batches, to a collector service."""
+
+    service: str
+    path: str = "/audit/records"
+    batch: int = 100
+    interval: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class Audit:
     path: str | None = None
+    ship: AuditShip | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Workflows:
+    """`workflows`: sagas and fan-out on the outbound port; absent, the API is off.
+
+    `redelivery` spaces the tries of a delivery or compensation once the
+    service's `retry.attempts` are spent; `give_up_after` that first failure,
+    a delivery is dead and a compensation `failed`.
+    """
+
+    store: str = "sqlite:///var/lib/sidecar/workflows.db"
+    max_steps: int = 20
+    retention: float = 7 * 86400.0
+    redelivery: Backoff = field(default_factory=lambda: Backoff(base=1.0, max=60.0))
+    give_up_after: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,4 +187,5 @@ class Config:
     services: dict[str, Service] = field(default_factory=dict)
     tracing: Tracing = field(default_factory=Tracing)
     audit: Audit = field(default_factory=Audit)
+    workflows: Workflows | None = None
     source_file: str | None = None

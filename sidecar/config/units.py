@@ -6,9 +6,9 @@ import re
 
 # ASCII digits only (`\d` alone would take Arabic-Indic `10s`), and at most 15
 # of them, so a value is finite (15 digits of seconds are 31 million years).
-_DURATION = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,9})?)\s*(ms|s|m|h)\s*$", re.ASCII)
+_DURATION = re.compile(r"^\s*(\d{1,15}(?:\.\d{1,9})?)\s*(ms|s|m|h|d)\s*$", re.ASCII)
 _SIZE = re.compile(r"^\s*(\d{1,15})\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$", re.ASCII)
-_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _BYTES = {
     None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
     "KB": 1000, "MB": 1000**2, "GB": 1000**3,
@@ -21,7 +21,7 @@ def parse_duration(text: object) -> float:
         raise ValueError("must be a duration string with a unit, such as 250ms, 5s or 2m")
     match = _DURATION.match(text)
     if not match:
-        raise ValueError("must be a duration with a unit (ms, s, m, h), such as 250ms or 5s")
+        raise ValueError("must be a duration with a unit (ms, s, m, h, d), such as 250ms or 5s")
     return float(match.group(1)) * _SECONDS[match.group(2)]
 
 

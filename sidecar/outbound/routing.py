@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from sidecar.http import problem
+from sidecar.names import API_PREFIX
 from sidecar.paths import RouteTable
 from sidecar.stack import Call, Handler, Layer, Reply, Target
 
@@ -47,6 +48,23 @@ def resolve(call: Call, targets: Mapping[str, Target], local_hosts: frozenset[st
         target = targets.get(first.lower())
         return target, "/" + rest if sep else "/"
     return None, call.path
+
+
+def sidecar_api(*, api: Handler, local_hosts: frozenset[str]) -> Layer:
+    """Outbound, before routing: answers `/_sidecar/v1/...` with `api` (the workflows API)
+    when the call addresses the sidecar itself (its own Host, origin form); any other
+    call passes on, so an absolute-form or Host-named call to a service is routed
+    as always. Refuses nothing itself.
+    """
+
+    async def sidecar_api_layer(call: Call, next: Handler) -> Reply:
+        if (call.absolute_host is None
+                and (call.path.startswith(API_PREFIX) or call.path == API_PREFIX[:-1])
+                and host_name(call.headers.get("Host", "")) in local_hosts):
+            return await api(call)
+        return await next(call)
+
+    return sidecar_api_layer
 
 
 def route(*, targets: Mapping[str, Target], local_hosts: frozenset[str]) -> Layer:

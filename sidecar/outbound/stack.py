@@ -39,6 +39,8 @@ def build(
     pools: Pools,
     # What one config decides:
     limits: Limits, targets: Mapping[str, Target], local_hosts: frozenset[str], minter: Minter,
+    # The sidecar's own API (`/_sidecar/v1/`), when workflows are configured:
+    api: Handler | None = None,
 ) -> Handler:
     return compose(
         # Counts every answer, refusals included: outermost.
@@ -53,6 +55,8 @@ def build(
         guards.check_target(),
         # A header line over limits.max_header_line never leaves: 431.
         guards.check_headers(max_header_line=limits.max_header_line),
+        # The sidecar's own API answers before routing, for its own host forms only.
+        *([routing.sidecar_api(api=api, local_hosts=local_hosts)] if api is not None else []),
         # Names the target or answers 404 no_route before anything is dialled.
         routing.route(targets=targets, local_hosts=local_hosts),
         # In-flight gauge per target: needs the target, so after routing.

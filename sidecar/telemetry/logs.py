@@ -61,6 +61,8 @@ FIELDS = frozenset(
         "version",
         "detail",
         "http_parser",
+        "workflow",
+        "step",
     }
 )
 

@@ -10,6 +10,13 @@ global one), next to the process, platform and GC collectors:
     sidecar_in_flight{direction,peer}
     sidecar_outlier_ejections_total{peer}
 
+With `workflows` configured, `count_workflows` adds three more:
+
+    sidecar_workflow_steps_total{outcome}       done, retried, failed, compensated,
+                                                compensation_failed
+    sidecar_deliveries_total{peer,outcome}      delivered, retried, dead
+    sidecar_dead_letters                        deliveries waiting for a redrive
+
 Every label value comes from a closed set, so nothing a caller sends can
 become a label: `method` is a standard method or OTHER, `reason` one of
 SPEC's codes or "", `code` a status; `peer` is a configured service (else
@@ -50,6 +57,8 @@ ANONYMOUS = "anonymous"
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 NO_ANSWER = "0"  # the caller went away before any answer was sent
+STEP_OUTCOMES = ("done", "retried", "failed", "compensated", "compensation_failed")
+DELIVERY_OUTCOMES = ("delivered", "retried", "dead")
 
 # Each configured service with its breaker's state now: (peer, "closed" | "open" | "half-open").
 CircuitStates = Callable[[], Iterable[tuple[str, str]]]
@@ -156,6 +165,34 @@ class Metrics:
         if n < 0:
             raise ValueError("a retry count cannot be negative")
         self.retries.labels(peer.lower()).inc(n)
+
+    def count_workflows(self, *, dead_letters: Callable[[], float]) -> None:
+        """Add the workflow families; `dead_letters` is read at every scrape."""
+        self.workflow_steps = Counter(
+            "sidecar_workflow_steps",
+            "Saga steps and compensations, by what became of each try.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.deliveries = Counter(
+            "sidecar_deliveries",
+            "Fan-out deliveries, by target service and what became of each try.",
+            ["peer", "outcome"],
+            registry=self.registry,
+        )
+        Gauge("sidecar_dead_letters", "Deliveries that gave up, waiting for a redrive.",
+              registry=self.registry).set_function(dead_letters)
+
+    def workflow_step(self, outcome: str) -> None:
+        if outcome not in STEP_OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(STEP_OUTCOMES)}")
+        self.workflow_steps.labels(outcome).inc()
+
+    def delivery(self, peer: str, outcome: str) -> None:
+        if outcome not in DELIVERY_OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(DELIVERY_OUTCOMES)}")
+        peer = peer.lower()
+        self.deliveries.labels(peer if peer in self._peers else UNKNOWN, outcome).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type, for `GET /metrics`."""

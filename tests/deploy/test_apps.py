@@ -30,6 +30,9 @@ from deploy.apps import (
 from deploy.apps.common import AppSettings, Neighbours, settings_from
 from deploy.process import free_port, free_ports
 from deploy.topology import APPS, EDGE, SERVICES
+from sidecar.audit.log import AuditLog
+from sidecar.workflows import templating
+from sidecar.workflows.model import Request
 from tests.deploy import REPO
 
 MODULES = {
@@ -67,7 +70,13 @@ def problem(status: int, reason: str) -> web.Response:
 
 @dataclass
 class FakeSidecar:
-    """One app's outbound sidecar, minus the sidecar: records, then scripts or forwards."""
+    """One app's outbound sidecar, minus the sidecar: records, then scripts or forwards.
+
+    Its own API is faked too: `POST /_sidecar/v1/fanout` delivers the event to
+    compliance-monitor at once, and `POST /_sidecar/v1/sagas` runs the saga's
+    steps one after the other, with their keys and templates, compensating in
+    reverse when one fails, as the real engine would (minus its durability).
+    """
 
     name: str
     seen: list[Seen] = field(default_factory=list)
@@ -75,6 +84,8 @@ class FakeSidecar:
     apps: dict[str, str] = field(default_factory=dict)  # service -> its app's base URL
     url: str = ""
     session: aiohttp.ClientSession | None = None
+    sagas: dict[str, dict[str, Any]] = field(default_factory=dict)  # Idempotency-Key -> view
+    fanouts: list[dict[str, Any]] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -103,17 +114,83 @@ class FakeSidecar:
         self.seen.append(seen)
         if seen.service in self.script:
             return self.script[seen.service](seen)
+        if seen.service == "_sidecar":
+            return await self.api(seen)
         if seen.service not in self.apps:
             return problem(404, "no_route")
         headers = {k: v for k, v in seen.headers.items() if k in FORWARDED}
-        headers["x-source-service"] = self.name  # what the target's sidecar would vouch for
+        status, body = await self.forward(seen.service, seen.method, seen.path, seen.body,
+                                          headers)
+        return web.json_response(body, status=status)
+
+    async def send(self, service: str, method: str, path: str, body: Any,
+                   headers: dict[str, str]) -> tuple[int, Any]:
+        """A call the (fake) sidecar makes itself: a saga step or a delivery; seen too."""
+        self.seen.append(Seen(service, method, path, headers, body))
+        return await self.forward(service, method, path, body, headers)
+
+    async def forward(self, service: str, method: str, path: str, body: Any,
+                      headers: dict[str, str]) -> tuple[int, Any]:
+        # What the target's sidecar would vouch for.
+        headers = {**headers, "x-source-service": self.name}
         assert self.session is not None
-        async with self.session.request(
-            seen.method, self.apps[seen.service] + seen.path, data=raw, headers=headers
-        ) as answer:
-            return web.Response(
-                body=await answer.read(), status=answer.status, content_type=answer.content_type
-            )
+        async with self.session.request(method, self.apps[service] + path, json=body,
+                                        headers=headers) as answer:
+            return answer.status, await answer.json(content_type=None)
+
+    async def api(self, seen: Seen) -> web.Response:
+        key = seen.headers.get("idempotency-key", "")
+        context = {k: v for k, v in seen.headers.items() if k == "traceparent"}
+        if seen.path == "/v1/fanout":
+            self.fanouts.append(seen.body)
+            fanout = f"F-{self.name}-{len(self.fanouts)}"
+            for target in seen.body["targets"]:
+                if target in self.apps:
+                    await self.send(target, seen.body["method"], seen.body["path"],
+                                       seen.body["body"],
+                                       {**context, "idempotency-key": f"{fanout}:{target}"})
+            return web.json_response({"id": fanout}, status=202)
+        if seen.path.startswith("/v1/sagas"):
+            if key not in self.sagas:
+                self.sagas[key] = await self.run_saga(f"S-{len(self.sagas) + 1}", seen.body,
+                                                      context)
+            return web.json_response(self.sagas[key])
+        return problem(404, "not_found")
+
+    async def run_saga(self, id: str, doc: dict[str, Any],
+                       context: dict[str, str]) -> dict[str, Any]:
+        steps = doc["steps"]
+        states = [{"name": s["name"], "status": "pending", "attempts": 0, "last_reason": None}
+                  for s in steps]
+        values: dict[str, dict[str, Any]] = {}
+        state = "completed"
+        for step, st in zip(steps, states, strict=True):
+            request = templating.render(Request.from_json(step["action"]), values)
+            st["attempts"] = 1
+            status, body = await self.send(
+                request.service, request.method, request.path, request.body,
+                {**context, "idempotency-key": f"{id}:{step['name']}:action"})
+            if not 200 <= status < 300:
+                st["status"], st["last_reason"] = "failed", f"status_{status}"
+                state = "compensated"
+                break
+            st["status"] = "done"
+            values[step["name"]] = templating.extract(body, _fields(steps, step["name"]))
+        if state == "compensated":
+            for step, st in reversed(list(zip(steps, states, strict=True))):
+                if st["status"] == "done" and step.get("compensation"):
+                    request = templating.render(Request.from_json(step["compensation"]), values)
+                    await self.send(
+                        request.service, request.method, request.path, request.body,
+                        {**context, "idempotency-key": f"{id}:{step['name']}:compensation"})
+                    st["status"] = "compensated"
+        return {"id": id, "name": doc["name"], "state": state, "steps": states}
+
+
+def _fields(steps: list[dict[str, Any]], name: str) -> list[str]:
+    refs = [ref for s in steps for part in ("action", "compensation") if s.get(part)
+            for ref in templating.references(Request.from_json(s[part]))]
+    return [path for step, path in refs if step == name]
 
 
 @dataclass
@@ -205,52 +282,65 @@ async def test_every_app_answers_health(aiohttp_client: ClientFactory, name: str
     assert await response.json() == {"status": "ok", "service": name}
 
 
-async def test_coverage_is_reported_and_the_caller_echoed(
+async def test_coverage_is_read_and_the_caller_echoed(
     aiohttp_client: ClientFactory,
     aiohttp_server: ServerFactory,
 ) -> None:
     app, sidecar = await app_behind(aiohttp_client, aiohttp_server, "insurance-verification")
-    sidecar.script["compliance-monitor"] = lambda seen: web.json_response({}, status=202)
     response = await app.get(
         "/patients/TEST-PATIENT-001/coverage",
-        headers={
-            "x-source-service": "healthcare-api",
-            "traceparent": TRACEPARENT,
-            "baggage": "user=x",
-        },
+        headers={"x-source-service": "healthcare-api", "traceparent": TRACEPARENT},
     )
     body = await response.json()
     assert response.status == 200
     assert body["coverage"]["active"] is True
     assert (body["source_service"], body["trace_id"]) == ("healthcare-api", TRACE_ID)
-    (report,) = sidecar.calls_to("compliance-monitor")
-    assert (report.method, report.path) == ("POST", "/events")
-    assert report.body["kind"] == "coverage-checked"
-    assert report.headers["traceparent"] == TRACEPARENT
-    assert "baggage" not in report.headers and "x-source-service" not in report.headers
+    assert (await app.get("/patients/NOBODY/coverage")).status == 404
+    assert sidecar.seen == []
 
 
-async def test_coverage_answers_even_when_compliance_is_down(
+async def test_a_verification_is_made_and_voided_once_per_key(
     aiohttp_client: ClientFactory,
     aiohttp_server: ServerFactory,
 ) -> None:
     app, sidecar = await app_behind(aiohttp_client, aiohttp_server, "insurance-verification")
-    sidecar.script["compliance-monitor"] = lambda seen: problem(503, "circuit_open")
-    response = await app.get("/patients/TEST-PATIENT-002/coverage")
-    body = await response.json()
-    assert response.status == 200
-    assert body["calls"][0]["status"] == 503
-    assert body["calls"][0]["reason"] == "circuit_open"
-    missing = await app.get("/patients/NOBODY/coverage")
-    assert missing.status == 404
+    asked = {"patient_id": "TEST-PATIENT-001", "encounter_id": "ENC-1"}
+    key = {"Idempotency-Key": "S-1:verify:action", "traceparent": TRACEPARENT}
+    first = await app.post("/verifications", json=asked, headers=key)
+    again = await app.post("/verifications", json=asked, headers=key)
+    assert (first.status, again.status) == (201, 201)
+    made, replayed = await first.json(), await again.json()
+    assert replayed["replayed"] is True and replayed["verification"] == made["verification"]
+    verification = made["verification"]
+    assert (verification["verification_id"], verification["status"]) == ("VER-000001", "valid")
+    # Reported once, through the sidecar's fan-out, under a key of its own.
+    (report,) = sidecar.calls_to("_sidecar")
+    assert (report.path, report.headers["idempotency-key"]) == ("/v1/fanout",
+                                                                "VER-000001:verified")
+    assert report.body["targets"] == ["compliance-monitor"]
+    assert report.body["body"]["kind"] == "coverage-verified"
+    assert report.headers["traceparent"] == TRACEPARENT
+    assert made["calls"] == [{"service": "compliance-monitor", "status": 202, "via": "fan-out",
+                              "reason": None, "fanout": "F-insurance-verification-1"}]
+    undo = {"Idempotency-Key": "S-1:verify:compensation"}
+    voided = await app.post("/verifications/VER-000001/void", headers=undo)
+    assert voided.status == 200 and (await voided.json())["verification"]["status"] == "void"
+    assert (await app.post("/verifications/VER-000001/void", headers=undo)).status == 200
+    assert len(sidecar.calls_to("_sidecar")) == 2
+    assert (await app.post("/verifications/VER-9/void", headers={"Idempotency-Key": "x"})
+            ).status == 404
+    for patient, status in (("TEST-PATIENT-003", 422), ("NOBODY", 404)):
+        refused = await app.post("/verifications", json={**asked, "patient_id": patient},
+                                 headers={"Idempotency-Key": f"k-{patient}"})
+        assert refused.status == status, patient
+    assert (await app.post("/verifications", json=asked)).status == 400  # no key
 
 
-async def test_a_claim_is_filed_once_per_idempotency_key(
+async def test_a_claim_is_filed_and_cancelled_once_per_key(
     aiohttp_client: ClientFactory,
     aiohttp_server: ServerFactory,
 ) -> None:
     app, sidecar = await app_behind(aiohttp_client, aiohttp_server, "billing-engine")
-    sidecar.script["compliance-monitor"] = lambda seen: web.json_response({}, status=202)
     claim = {
         "encounter_id": "ENC-1",
         "patient_id": "TEST-PATIENT-001",
@@ -260,12 +350,21 @@ async def test_a_claim_is_filed_once_per_idempotency_key(
     first = await app.post("/claims", json=claim, headers={"Idempotency-Key": "k-1"})
     again = await app.post("/claims", json=claim, headers={"Idempotency-Key": "k-1"})
     assert (first.status, again.status) == (201, 200)
-    filed, replayed = (await first.json())["claim"], await again.json()
-    assert replayed["replayed"] is True and replayed["claim"] == filed
-    assert (filed["patient_owes_cents"], filed["payer_owes_cents"]) == (2_500, 10_000)
-    assert len(sidecar.calls_to("compliance-monitor")) == 1
-    fetched = await app.get(f"/claims/{filed['claim_id']}")
-    assert (await fetched.json())["claim"] == filed
+    filed, replayed = await first.json(), await again.json()
+    assert replayed["replayed"] is True and replayed["claim"] == filed["claim"]
+    assert replayed["calls"] == filed["calls"]  # the first answer, again
+    assert (filed["claim"]["patient_owes_cents"], filed["claim"]["payer_owes_cents"]) == (
+        2_500, 10_000)
+    assert [c.body["body"]["kind"] for c in sidecar.calls_to("_sidecar")] == ["claim-submitted"]
+    claim_id = filed["claim"]["claim_id"]
+    fetched = await app.get(f"/claims/{claim_id}")
+    assert (await fetched.json())["claim"] == filed["claim"]
+    for _ in range(2):
+        cancelled = await app.post(f"/claims/{claim_id}/cancel",
+                                   headers={"Idempotency-Key": "k-1:undo"})
+        assert (await cancelled.json())["claim"]["status"] == "cancelled"
+    assert [c.body["body"]["kind"] for c in sidecar.calls_to("_sidecar")] == [
+        "claim-submitted", "claim-cancelled"]
 
 
 async def test_a_claim_needs_a_key_and_a_sane_amount(
@@ -285,14 +384,17 @@ async def test_a_claim_needs_a_key_and_a_sane_amount(
     assert sidecar.seen == []
 
 
-async def test_compliance_keeps_who_reported_what(aiohttp_client: ClientFactory) -> None:
+async def test_compliance_keeps_who_reported_what_once_per_key(
+        aiohttp_client: ClientFactory) -> None:
     app = await aiohttp_client(compliance_monitor.make_app(AppSettings()))
-    sent = await app.post(
-        "/events",
-        json={"kind": "claim-submitted", "claim_id": "CLM-1"},
-        headers={"x-source-service": "billing-engine", "traceparent": TRACEPARENT},
-    )
-    assert sent.status == 202
+    for _ in range(2):  # delivered twice (at least once): stored once
+        sent = await app.post(
+            "/events",
+            json={"kind": "claim-submitted", "claim_id": "CLM-1"},
+            headers={"x-source-service": "billing-engine", "traceparent": TRACEPARENT,
+                     "Idempotency-Key": "F-1:compliance-monitor"},
+        )
+        assert sent.status == 202
     listed = await (await app.get("/events")).json()
     (event,) = listed["events"]
     assert event["reported_by"] == "billing-engine"
@@ -301,10 +403,31 @@ async def test_compliance_keeps_who_reported_what(aiohttp_client: ClientFactory)
     assert (await app.post("/events", data=b"[1, 2]")).status == 400
 
 
+async def test_compliance_verifies_each_sidecar_s_shipped_chain(
+        aiohttp_client: ClientFactory) -> None:
+    app = await aiohttp_client(compliance_monitor.make_app(AppSettings()))
+    log = AuditLog(None)  # the sidecar's own records, chained, kept in memory
+    records = [log.record(direction="outbound", source="a", target="b", method="GET",
+                          route="/claims/{id}", status=200, decision="allowed", reason=None,
+                          duration_ms=1.0, attempts=1, trace_id=f"{n:032x}")
+               for n in range(5)]
+    for batch in (records[:3], records[2:]):  # at least once: the overlap is dropped
+        sent = await app.post("/audit/records", json={"sidecar": "a", "records": batch})
+        assert sent.status == 200
+    forged = {**records[4], "status": 500}
+    await app.post("/audit/records", json={"sidecar": "b", "records": records[:2]})
+    await app.post("/audit/records", json={"sidecar": "b", "records": [forged]})
+    chains = (await (await app.get("/audit/chains")).json())["chains"]
+    assert chains["a"] == {"records": 5, "received": 6, "intact": True, "problems": []}
+    assert chains["b"]["intact"] is False
+    assert chains["b"]["problems"] == ["record 3: hash does not match (edited)"]
+    assert (await app.post("/audit/records", json={"records": []})).status == 400
+
+
 # -- the encounter ----------------------------------------------------------------------
 
 
-async def test_an_encounter_runs_through_all_four_services(
+async def test_an_encounter_is_a_saga_through_all_four_services(
     mesh: Mesh,
     session: aiohttp.ClientSession,
 ) -> None:
@@ -315,64 +438,82 @@ async def test_an_encounter_runs_through_all_four_services(
     body = answer.body
     assert body["source_service"] == EDGE and body["trace_id"] == TRACE_ID
     assert body["claim"]["encounter_id"] == body["encounter_id"]
-    coverage, claim = body["calls"]
-    assert (coverage["service"], coverage["status"]) == ("insurance-verification", 200)
-    assert (claim["service"], claim["status"]) == ("billing-engine", 201)
-    # Each hop saw the caller the mesh vouched for, down to compliance-monitor.
-    assert coverage["source_service"] == claim["source_service"] == "healthcare-api"
-    assert coverage["calls"][0]["source_service"] == "insurance-verification"
-    assert claim["calls"][0]["source_service"] == "billing-engine"
+    assert body["claim"]["patient_owes_cents"] == 2_500  # the copay, from the verify step
+    assert body["coverage"]["plan"].startswith("Synthetic Gold")
+    assert body["saga"]["state"] == "completed"
+    assert [s["name"] for s in body["saga"]["steps"]] == ["verify", "claim", "notify"]
+    verified, claimed = body["calls"]
+    assert (verified["service"], verified["status"]) == ("insurance-verification", 201)
+    assert (claimed["service"], claimed["status"]) == ("billing-engine", 201)
+    # Each step's app saw the caller the mesh vouched for.
+    assert verified["source_service"] == claimed["source_service"] == "healthcare-api"
+    assert verified["calls"][0]["via"] == claimed["calls"][0]["via"] == "fan-out"
     reporters = sorted(event["reported_by"] for event in mesh.events.events)
     assert reporters == ["billing-engine", "insurance-verification"]
-    # The trace context went along on every call, and no app passed on who called it.
-    hops = [seen for sidecar in mesh.sidecars.values() for seen in sidecar.seen]
-    assert len(hops) == 5
-    assert all(seen.headers.get("traceparent") == TRACEPARENT for seen in hops)
-    assert all("x-source-service" not in seen.headers for seen in hops)
-    (filed,) = mesh.sidecars["healthcare-api"].calls_to("billing-engine")
-    assert filed.headers["idempotency-key"] == f"claim-{body['encounter_id']}"
+    # One saga, keyed by the encounter, carrying the caller's trace context.
+    (saga,) = mesh.sidecars["healthcare-api"].calls_to("_sidecar")
+    assert saga.headers["idempotency-key"] == f"encounter-{body['encounter_id']}"
+    assert saga.headers["traceparent"] == TRACEPARENT
+    steps = saga.body["steps"]
+    assert [(s["name"], s["action"]["service"]) for s in steps] == [
+        ("verify", "insurance-verification"), ("claim", "billing-engine"),
+        ("notify", "healthcare-api")]
+    assert steps[0]["compensation"]["path"].endswith("/void")
+    assert steps[1]["compensation"]["path"].endswith("/cancel")
+
+
+async def test_the_same_encounter_again_is_the_same_saga(
+    mesh: Mesh,
+    session: aiohttp.ClientSession,
+) -> None:
+    first = await client.post_encounter(mesh.neighbours(session), "TEST-PATIENT-002",
+                                        encounter_id="ENC-TWICE")
+    again = await client.post_encounter(mesh.neighbours(session), "TEST-PATIENT-002",
+                                        encounter_id="ENC-TWICE")
+    assert (first.status, again.status) == (201, 201)
+    assert first.body["saga"]["id"] == again.body["saga"]["id"]
+    assert len(mesh.sidecars["healthcare-api"].calls_to("billing-engine")) == 1
 
 
 async def test_no_coverage_is_422_and_bills_nothing(
     mesh: Mesh,
     session: aiohttp.ClientSession,
 ) -> None:
-    for patient in ("TEST-PATIENT-003", "NOBODY-999"):
+    for patient, why in (("TEST-PATIENT-003", "coverage is not active"),
+                         ("NOBODY-999", "no coverage on file")):
         answer = await client.post_encounter(mesh.neighbours(session), patient)
-        assert answer.status == 422, patient
+        assert (answer.status, answer.body["error"]) == (422, why), patient
+        assert answer.body["saga"]["state"] == "compensated"
     assert mesh.sidecars["healthcare-api"].calls_to("billing-engine") == []
 
 
-async def test_a_failed_dependency_is_502_naming_it_and_the_reason(
+async def test_a_refused_claim_rolls_the_encounter_back(
     mesh: Mesh,
     session: aiohttp.ClientSession,
 ) -> None:
-    mesh.sidecars["healthcare-api"].script["billing-engine"] = lambda seen: problem(
-        503, "circuit_open"
-    )
-    answer = await client.post_encounter(mesh.neighbours(session), "TEST-PATIENT-001")
-    assert answer.status == 502
+    answer = await client.post_encounter(mesh.neighbours(session), "TEST-PATIENT-001",
+                                         amount_cents=20_000_000)  # over billing's limit
+    assert answer.status == 409
     assert answer.body["failed"] == "billing-engine"
-    failed = answer.body["calls"][1]
-    assert (failed["status"], failed["reason"]) == (503, "circuit_open")
-    assert failed["answer"]["reason"] == "circuit_open"
+    assert answer.body["error"] == "claim did not complete; the encounter was rolled back"
+    steps = {s["name"]: s["status"] for s in answer.body["saga"]["steps"]}
+    assert steps == {"verify": "compensated", "claim": "failed", "notify": "pending"}
+    hops = mesh.sidecars["healthcare-api"].calls_to("insurance-verification")
+    assert [hop.path for hop in hops] == ["/verifications", "/verifications/VER-000001/void"]
+    kinds = [event["kind"] for event in mesh.events.events]
+    assert kinds == ["coverage-verified", "verification-voided"]
 
 
-async def test_a_mesh_404_is_a_failure_not_a_missing_patient(
+async def test_a_sidecar_that_refuses_or_is_away_is_502(
     mesh: Mesh,
     session: aiohttp.ClientSession,
-) -> None:
-    mesh.sidecars["healthcare-api"].script["insurance-verification"] = lambda seen: problem(
-        404, "no_route"
-    )
-    answer = await client.post_encounter(mesh.neighbours(session), "TEST-PATIENT-001")
-    assert (answer.status, answer.body["failed"]) == (502, "insurance-verification")
-
-
-async def test_an_unreachable_sidecar_is_502(
     aiohttp_client: ClientFactory,
     unused_port: int,
 ) -> None:
+    mesh.sidecars["healthcare-api"].script["_sidecar"] = lambda seen: problem(404, "no_route")
+    refused = await client.post_encounter(mesh.neighbours(session), "TEST-PATIENT-001")
+    assert (refused.status, refused.body["failed"]) == (502, "sidecar")
+    assert refused.body["calls"][0]["reason"] == "no_route"
     app = await aiohttp_client(
         healthcare_api.make_app(AppSettings(outbound=f"http://127.0.0.1:{unused_port}"))
     )
@@ -408,7 +549,8 @@ async def test_the_client_prints_each_encounter_as_a_call_tree(
     out = capsys.readouterr().out
     assert status == 0
     assert out.count("-> healthcare-api 201 (caller seen: edge)") == 2
-    assert "-> compliance-monitor 202 (caller seen: billing-engine)" in out
+    assert "-> billing-engine 201 (caller seen: healthcare-api)" in out
+    assert "-> compliance-monitor 202 (queued by its sidecar: fan-out)" in out
     assert len(mesh.events.events) == 4
 
 

@@ -51,14 +51,7 @@ class Upstream:
     async def start(self) -> Upstream:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
-        await site.start()
-        if self.port == 0:
-            server = site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self._runner, self.port = await serve(app, self.port)
         return self
 
     async def stop(self) -> None:
@@ -81,6 +74,19 @@ class Upstream:
 
     def paths(self) -> list[str]:
         return [s.path for s in self.seen]
+
+
+async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int]:
+    """`app` on 127.0.0.1:`port` (0: a free one); its runner and the port it has."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    if port == 0:
+        server = site._server
+        assert server is not None
+        port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    return runner, port
 
 
 async def slow(seconds: float, status: int = 200) -> Script:

@@ -65,7 +65,7 @@ def test_the_hosts_file_names_every_service_and_jaeger() -> None:
     assert "127.0.0.1\tlocalhost" in netns.hosts_file(layout).splitlines()
 
 
-def test_in_a_namespace_only_keys_audit_tracing_and_breaker_change() -> None:
+def test_in_a_namespace_only_keys_audit_store_tracing_and_pace_change() -> None:
     placement = netns_placement(netns.plan(list(SERVICES)))
     for service in SERVICES:
         original = shipped(service)
@@ -76,14 +76,20 @@ def test_in_a_namespace_only_keys_audit_tracing_and_breaker_change() -> None:
             private_key=Path("/k/x.pem"),
             jwks=Path("/k/jwks.json"),
             audit=Path("/a/x.jsonl"),
+            store=Path("/w/x.db"),
             breaker={"failure_threshold": 2},
+            redelivery={"max": "1s"},
+            ship_interval="500ms",
         )
         assert out["identity"]["private_key_file"] == "/k/x.pem"
         assert out["identity"]["jwks_file"] == "/k/jwks.json"
-        assert out["audit"] == {"path": "/a/x.jsonl"}
+        assert out["audit"] == {"path": "/a/x.jsonl",
+                                "ship": {**original["audit"]["ship"], "interval": "500ms"}}
+        assert out["workflows"]["store"] == "sqlite:///w/x.db"
+        assert out["workflows"]["redelivery"] == {"base": "1s", "max": "1s"}
         assert out["defaults"]["circuit_breaker"]["failure_threshold"] == 2
         assert out["defaults"]["circuit_breaker"]["recovery_timeout"] == "10s"  # kept
-        for changed in ("identity", "audit", "defaults"):
+        for changed in ("identity", "audit", "defaults", "workflows"):
             out.pop(changed), original.pop(changed)
         assert out == original  # listen, endpoints, policy, tracing: as in Compose
 
@@ -228,15 +234,18 @@ ENCOUNTER = {
     "status": 201,
     "source_service": EDGE,
     "calls": [
-        {"service": "insurance-verification", "status": 200,
+        {"service": "insurance-verification", "status": 201,
          "source_service": "healthcare-api",
          "calls": [{"service": "compliance-monitor", "status": 503,
                     "reason": "circuit_open", "source_service": None}]},
         {"service": "billing-engine", "status": 201, "source_service": "healthcare-api",
-         "calls": [{"service": "compliance-monitor", "status": 202,
-                    "source_service": "billing-engine"}]},
+         "calls": [{"service": "compliance-monitor", "status": 202, "via": "fan-out"}]},
     ],
 }  # fmt: skip
+SAGA = {"id": "S-1", "state": "completed", "steps": [
+    {"name": "verify", "status": "done", "attempts": 1},
+    {"name": "claim", "status": "done", "attempts": 2},
+    {"name": "notify", "status": "pending", "attempts": 0}]}  # fmt: skip
 
 
 def test_the_demo_shows_which_caller_each_app_saw() -> None:
@@ -244,24 +253,21 @@ def test_the_demo_shows_which_caller_each_app_saw() -> None:
 
     assert [line.split()[:4] for line in lines] == [
         [EDGE, "->", "healthcare-api", "201"],
-        ["healthcare-api", "->", "insurance-verification", "200"],
+        ["healthcare-api", "->", "insurance-verification", "201"],
         ["insurance-verification", "->", "compliance-monitor", "503"],
         ["healthcare-api", "->", "billing-engine", "201"],
         ["billing-engine", "->", "compliance-monitor", "202"],
     ]
     assert lines[0].endswith(f"app saw x-source-service: {EDGE}")
     assert "circuit_open" in lines[2] and lines[2].endswith("the app was not reached")
-    assert lines[4].endswith("app saw x-source-service: billing-engine")
-    assert narration.hops(ENCOUNTER) == 5
+    assert lines[4].endswith("queued by billing-engine's sidecar (fan-out)")
     assert narration.services_in(EDGE, ENCOUNTER) == set(SERVICES)
 
 
-def test_the_demo_finds_the_reports_and_checks_every_caller_seen() -> None:
-    reports = narration.calls_to(ENCOUNTER, "compliance-monitor")
-
-    assert narration.calls_text(reports) == (
-        "insurance-verification 503 circuit_open, billing-engine 202"
-    )
+def test_the_demo_counts_the_spans_of_a_saga_and_checks_every_caller_seen() -> None:
+    # edge + healthcare-api, 2 steps sent x 3, 1 fan-out delivery x 3
+    assert narration.spans_expected(ENCOUNTER, SAGA) == 2 + 6 + 3
+    assert narration.saga_text(SAGA) == "completed (verify done, claim done, notify pending)"
     assert narration.callers_verified(EDGE, ENCOUNTER)
     assert not narration.callers_verified("billing-engine", ENCOUNTER)  # wrong caller seen
 

@@ -124,11 +124,12 @@ async def test_the_encounter_workflow_succeeds_end_to_end(topology: Topology) ->
     ]
     assert called == [
         (EDGE, "healthcare-api", 201),
-        ("healthcare-api", "insurance-verification", 200),
-        ("insurance-verification", "compliance-monitor", 202),
+        ("healthcare-api", "insurance-verification", 201),
+        ("insurance-verification", "compliance-monitor", 202),  # taken by its fan-out
         ("healthcare-api", "billing-engine", 201),
         ("billing-engine", "compliance-monitor", 202),
     ]
+    assert reply.field("saga")["state"] == "completed"
 
 
 async def test_each_app_sees_the_verified_caller_not_what_a_caller_claims(
@@ -141,17 +142,24 @@ async def test_each_app_sees_the_verified_caller_not_what_a_caller_claims(
 
     assert reply.status == 201, reply.body
     for caller, node in hops(EDGE, reply.summary()):
-        assert node["source_service"] == caller, (caller, node)
-    async with topology.mesh.session(EDGE) as session:
-        edge = Neighbours(session, AppSettings(outbound=topology.mesh.sites[EDGE].outbound_url))
-        trail = await edge.call(FAILING, "GET", "/events", context={})
-    assert trail.status == 200
-    assert trail.field("source_service") == EDGE
-    reported = {
-        event["reported_by"]
-        for event in trail.field("events")
-        if event["trace_id"] == reply.field("trace_id")
-    }
+        if not node.get("via"):  # a fan-out node is its caller's own sidecar's answer
+            assert node["source_service"] == caller, (caller, node)
+    reported: set[str] = set()
+    for _ in range(100):  # the fan-outs deliver a moment after the answer
+        async with topology.mesh.session(EDGE) as session:
+            edge = Neighbours(
+                session, AppSettings(outbound=topology.mesh.sites[EDGE].outbound_url))
+            trail = await edge.call(FAILING, "GET", "/events", context={})
+        assert trail.status == 200
+        assert trail.field("source_service") == EDGE
+        reported = {
+            event["reported_by"]
+            for event in trail.field("events")
+            if event["trace_id"] == reply.field("trace_id")
+        }
+        if reported == set(REPORTERS):
+            break
+        await asyncio.sleep(0.1)
     assert reported == set(REPORTERS)
 
 
@@ -199,7 +207,8 @@ async def test_traces_from_every_sidecar_share_the_workflow_trace_id(topology: T
 
     def complete(spans: list[dict[str, Any]]) -> bool:
         mine = [span for span in spans if span["trace_id"] == trace_id]
-        return len(mine) >= 10 and {span["service_name"] for span in mine} == set(SERVICES)
+        # edge + healthcare-api, 3 saga steps and 2 deliveries of 3 spans each
+        return len(mine) >= 17 and {span["service_name"] for span in mine} == set(SERVICES)
 
     spans = [
         span
@@ -224,20 +233,14 @@ async def test_stopping_an_app_opens_its_callers_breakers_and_starting_it_closes
     assert await mesh.stop_app(FAILING) == 0
     try:
         states: list[str] = []
-        reasons: set[str | None] = set()
-        for _ in range(6):  # two failures open each breaker; a few spare
-            reply = await topology.encounter()
-            assert reply.status == 201  # reporting is best effort
-            reasons |= {
-                node.get("reason")
-                for caller, node in hops(EDGE, reply.summary())
-                if node["service"] == FAILING
-            }
+        held = await topology.encounter()
+        assert held.status == 201  # the events wait in the reporters' fan-outs
+        for _ in range(100):  # the deliveries fail, retried: two failures open each breaker
             states = [await mesh.breaker_state(caller, FAILING) for caller in REPORTERS]
-            if states == ["open", "open"] and "circuit_open" in reasons:
+            if states == ["open", "open"]:
                 break
+            await asyncio.sleep(0.1)
         assert states == ["open", "open"]
-        assert {"upstream_connect_failure", "circuit_open"} <= reasons
         assert await mesh.breaker_state("healthcare-api", "billing-engine") == "closed"
         _, metrics = await mesh.admin(REPORTERS[0], "/metrics")
         assert f'sidecar_circuit_state{{peer="{FAILING}",state="open"}} 1.0' in metrics
@@ -248,15 +251,24 @@ async def test_stopping_an_app_opens_its_callers_breakers_and_starting_it_closes
 
     deadline = 15  # encounters, 0.3 s apart: the breakers probe after 1 s
     for _ in range(deadline * 3):
-        reply = await topology.encounter()
+        await topology.encounter()
         states = [await mesh.breaker_state(caller, FAILING) for caller in REPORTERS]
         if states == ["closed", "closed"]:
             break
         await asyncio.sleep(0.3)
     assert states == ["closed", "closed"]
-    reports = [node for caller, node in hops(EDGE, reply.summary()) if node["service"] == FAILING]
-    assert [node["status"] for node in reports] == [202, 202]
-    assert {node["source_service"] for node in reports} == set(REPORTERS)
+    # What was held while compliance-monitor was away arrives after all.
+    kept: set[str] = set()
+    for _ in range(100):
+        async with mesh.session(EDGE) as session:
+            edge = Neighbours(session, AppSettings(outbound=mesh.sites[EDGE].outbound_url))
+            trail = await edge.call(FAILING, "GET", "/events", context={})
+        kept = {event["kind"] for event in trail.field("events") or []
+                if event.get("encounter_id") == held.field("encounter_id")}
+        if len(kept) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert kept == {"coverage-verified", "claim-submitted"}
 
 
 async def test_nothing_of_the_run_is_in_the_host_namespace(topology: Topology) -> None:

@@ -321,4 +321,4 @@ def test_a_variable_that_pyyaml_cannot_read_is_judged_as_text() -> None:
     with pytest.raises(config.ConfigError) as err:
         config.parse(minimal(drain_timeout="${T}"), environ={"T": "2001-02-30"})
     assert err.value.errors == [
-        "drain_timeout: must be a duration with a unit (ms, s, m, h), such as 250ms or 5s"]
+        "drain_timeout: must be a duration with a unit (ms, s, m, h, d), such as 250ms or 5s"]
