@@ -7,6 +7,7 @@ whole. `check_keys` reports key and policy problems for `check` and `run`.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ from sidecar.resilience.pools import Pools
 from sidecar.stack import Handler, Target
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import Tracing
+from sidecar.tls import check as tls_check
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
 
@@ -81,8 +83,12 @@ def load_identity(config: Config, clock: Clock) -> tuple[Minter, Verifier]:
     return minter, verifier
 
 
-def check_keys(config: Config) -> list[str]:
-    """Key and policy problems as `key.path: message` lines (for `check` and `run`)."""
+def check_keys(config: Config, *, dates: bool = True) -> list[str]:
+    """Key, certificate and policy problems as `key.path: message` lines (for `check` and `run`).
+
+    `dates=False` (for `run`) leaves out certificate validity: a sidecar with an
+    expired certificate starts, not ready, so that new files bring it back.
+    """
     ident = config.identity
     problems = []
     loads: list[tuple[str, str | None, Callable[[str], object]]] = (
@@ -101,6 +107,9 @@ def check_keys(config: Config) -> list[str]:
             load(path)
         except (ValueError, OSError) as exc:
             problems.append(f"identity.{key}: {exc}")
+    problems += tls_check.problems(config.tls, service=config.service,
+                                   trust_domain=config.trust_domain,
+                                   now=datetime.datetime.now(datetime.UTC) if dates else None)
     try:
         Policy(rules=config.inbound.policy, public_paths=config.inbound.public_paths)
     except ValueError as exc:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h)\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|KB|MB|GB)?\s*$")
-_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _BYTES = {
     None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
     "KB": 1000, "MB": 1000**2, "GB": 1000**3,
@@ -19,7 +20,7 @@ def parse_duration(text: object) -> float:
         raise ValueError("must be a duration string with a unit, such as 250ms, 5s or 2m")
     match = _DURATION.match(text)
     if not match:
-        raise ValueError("must be a duration with a unit (ms, s, m, h), such as 250ms or 5s")
+        raise ValueError("must be a duration with a unit (ms, s, m, h, d), such as 250ms or 5s")
     return float(match.group(1)) * _SECONDS[match.group(2)]
 
 
@@ -37,3 +38,14 @@ def parse_size(text: object) -> int:
     if not match:
         raise ValueError("must be a size with a unit (B, KiB, MiB, GiB), such as 64KiB")
     return int(match.group(1)) * _BYTES[match.group(2)]
+
+
+def parse_rate(text: object) -> float:
+    """`'500/s'` -> 500.0 a second; `'30/m'` -> 0.5. The unit must be said."""
+    match = _RATE.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError("must be a rate such as 100/s, 600/m or 1000/h")
+    per_second = float(match.group(1)) / _SECONDS[match.group(2)]
+    if per_second <= 0:
+        raise ValueError("must be more than zero")
+    return per_second
