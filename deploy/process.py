@@ -34,6 +34,7 @@ import aiohttp
 import yaml
 
 from sidecar.identity import keys
+from sidecar.tls import certs
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_WITHIN = 30.0  # seconds a sidecar gets to answer its readiness probe
@@ -144,6 +145,45 @@ class KeyRing:
             "private_key_file": str(self.private_key(service)),
             "jwks_file": str(self.jwks_path),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class CertRing:
+    """A mesh CA and a certificate per service under `workdir/certs`, as `sidecar certs` makes
+    them; `tls` is the config section that names them."""
+
+    workdir: Path
+    trust_domain: str = "mesh.test"
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.workdir / "certs"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.certs_dir / certs.CA_FILE
+
+    def cert_file(self, service: str) -> Path:
+        return self.certs_dir / f"{service}.crt"
+
+    def key_file(self, service: str) -> Path:
+        return self.certs_dir / f"{service}.key"
+
+    def generate(self, services: Iterable[str]) -> CertRing:
+        certs.make_ca(self.certs_dir)
+        for service in services:
+            self.issue(service)
+        return self
+
+    def issue(self, service: str, **options: Any) -> tuple[Path, Path]:
+        """A (new) certificate for `service` in place of its files, as a rotation makes one."""
+        return certs.issue(self.certs_dir, service=service, trust_domain=self.trust_domain,
+                           out_dir=self.certs_dir, overwrite=True, **options)
+
+    def tls(self, service: str, mode: str = "strict") -> dict[str, Any]:
+        """The `tls` section of `service`'s config (the top-level `trust_domain` goes with it)."""
+        return {"mode": mode, "ca_file": str(self.ca_file),
+                "cert_file": str(self.cert_file(service)), "key_file": str(self.key_file(service))}
 
 
 class ProcessError(RuntimeError):

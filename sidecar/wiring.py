@@ -30,6 +30,8 @@ from sidecar.stack import Handler, Target
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import Tracing
 from sidecar.tls import check as tls_check
+from sidecar.tls.contexts import outside_context
+from sidecar.tls.material import MeshTLS
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
 
@@ -47,6 +49,7 @@ class Shared:
     pools: Pools
     metrics: Metrics
     tracing: Tracing
+    tls: MeshTLS | None = None  # the current certificates, when TLS is on
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,12 @@ def check_keys(config: Config, *, dates: bool = True) -> list[str]:
     problems += tls_check.problems(config.tls, service=config.service,
                                    trust_domain=config.trust_domain,
                                    now=datetime.datetime.now(datetime.UTC) if dates else None)
+    for name, service in config.services.items():
+        if service.ca_file is not None:
+            try:
+                outside_context(service.ca_file)
+            except (ValueError, OSError) as exc:
+                problems.append(f"services.{name}.ca_file: {type(exc).__name__}: not a CA file")
     try:
         Policy(rules=config.inbound.policy, public_paths=config.inbound.public_paths)
     except ValueError as exc:
@@ -145,18 +154,23 @@ def wire(config: Config, shared: Shared) -> Wiring:
     }
     hosts = set(LOOPBACK_NAMES)
     hosts.add(config.listen.outbound[0])
+    # https:// services outside the mesh with CAs of their own.
+    outside = {name: outside_context(service.ca_file)
+               for name, service in config.services.items() if service.ca_file is not None}
     return Wiring(
         config=config,
         outbound=outbound_stack.build(
             clock=shared.clock, session=shared.session, audit_log=shared.audit,
             stats=shared.metrics, tracer=shared.tracing, bulkheads=shared.bulkheads,
             budgets=shared.budgets, breakers=shared.breakers, pools=shared.pools,
-            limits=config.limits,
+            mesh_tls=shared.tls, limits=config.limits,
             targets=targets, local_hosts=frozenset(h.lower() for h in hosts), minter=minter,
+            outside_tls=outside,
         ),
         inbound=inbound_stack.build(
             clock=shared.clock, session=shared.session, audit_log=shared.audit,
             stats=shared.metrics, tracer=shared.tracing, limits=config.limits,
             service=config.service, verifier=verifier, policy=policy, app=app_target(config),
+            tls_mode=config.tls.mode, trust_domain=config.trust_domain,
         ),
     )

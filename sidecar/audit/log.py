@@ -96,6 +96,8 @@ class AuditLog:
         duration_ms: float,
         attempts: int,
         trace_id: str,
+        tls: bool = False,
+        peer_id: str | None = None,
     ) -> dict[str, Any]:
         """Build, hash and queue one record; return it. `route` must already be templated."""
         if self.path is not None and not self._started:
@@ -105,6 +107,8 @@ class AuditLog:
             "direction": direction,
             "source": source,
             "target": target,
+            "tls": tls,
+            "peer_id": peer_id,
             "method": method,
             "route": route,
             "status": status,

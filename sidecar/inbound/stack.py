@@ -14,6 +14,7 @@ from sidecar.config.settings import Limits
 from sidecar.http import guards, transport
 from sidecar.identity.layers import verify_token
 from sidecar.identity.tokens import Verifier
+from sidecar.inbound import mtls
 from sidecar.inbound.app import to_app
 from sidecar.inbound.normalise import normalise_path
 from sidecar.inbound.policy import Policy, authorize
@@ -31,6 +32,7 @@ def build(
     tracer: Tracing,
     # What one config decides:
     limits: Limits, service: str, verifier: Verifier, policy: Policy, app: Target,
+    tls_mode: str, trust_domain: str | None,
 ) -> Handler:
     return compose(
         # Counts every answer, refusals included: outermost.
@@ -41,6 +43,8 @@ def build(
         guards.answer_internal_errors(),
         # The SERVER span continues the caller's trace; its context goes to the app.
         tracing.server_span(tracing=tracer),
+        # In `strict`, plain text is 400 tls_required before anything of it is read.
+        mtls.require_tls(mode=tls_mode, service=service),
         # No CONNECT tunnels, no asterisk form: 400 bad_request.
         guards.check_target(),
         # A header line over limits.max_header_line is refused: 431.
@@ -52,6 +56,8 @@ def build(
         # Who is calling: a verified token, or 401. Sets x-source-service.
         verify_token(service=service, verifier=verifier,
                      is_public=policy.is_public),
+        # The client certificate names the token's issuer, or 401: needs both, so here.
+        mtls.match_peer(mode=tls_mode, trust_domain=trust_domain),
         # In-flight gauge per verified caller: after the token check names it.
         metrics.track_in_flight(metrics=stats, direction="inbound"),
         # May they: default deny when a policy is present, or 403.

@@ -82,6 +82,8 @@ ATTRIBUTES = frozenset(
         "sidecar.source",
         "sidecar.target",
         "sidecar.reason",
+        # Beyond SPEC's list (README): the peer's SPIFFE ID on a call over mTLS.
+        "sidecar.peer_id",
     }
 )
 CONTEXT_HEADERS = (TRACEPARENT, TRACESTATE)
@@ -226,6 +228,8 @@ def _finish(
     peer = call.target if client else (call.source if call.source != "anonymous" else "")
     if peer:
         attributes["peer.service"] = peer
+    if call.peer_id is not None:
+        attributes["sidecar.peer_id"] = call.peer_id
     if resend > 0:
         attributes["http.request.resend_count"] = resend
     failed = error is not None
