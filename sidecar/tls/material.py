@@ -104,9 +104,13 @@ class MeshTLS:
         )
         self._warned = None
 
+    def stamps(self) -> tuple[Stamp | None, ...]:
+        """What the files are now: a replaced, rewritten or moved file changes its stamp."""
+        return tuple(_stamp(path) for path in self.files)
+
     def changed(self) -> bool:
-        """Whether any of the files is not the one last read (replaced, rewritten, moved)."""
-        return tuple(_stamp(path) for path in self.files) != self._stamps
+        """Whether any of the files is not the one last read."""
+        return self.stamps() != self._stamps
 
     def reload(self) -> bool:
         """Read the files again; on any problem keep the contexts in use and log why."""
@@ -161,11 +165,18 @@ class MeshTLS:
                                     "days_left": round(left / 86400, 1)})
 
     async def watch(self, interval: float = WATCH_INTERVAL) -> None:
-        """Forever: reload when a file changed, and warn while expiry is near."""
+        """Forever: reload once changed files have settled, and warn while expiry is near.
+
+        Settled: unchanged since the last look, so a certificate and its key
+        written one after the other are read together, not as a mismatched pair.
+        """
         self.warn_if_expiring()
+        seen = self._stamps
         while True:
             await self._clock.sleep(interval)
-            if self.changed():
+            now = self.stamps()
+            if now != self._stamps and now == seen:
                 self.reload()
+            seen = now
             self.warn_if_expiring()
 

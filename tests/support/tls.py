@@ -32,6 +32,10 @@ def is_client_hello(first: bytes) -> bool:
         and first[5] == CLIENT_HELLO
 
 
+def days_ago(days: float) -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=days)
+
+
 def client_context(ring: CertRing, cert: Path | None = None, key: Path | None = None,
                    ) -> ssl.SSLContext:
     """Trusts the mesh CA; presents `cert` and `key` when given."""
@@ -62,7 +66,7 @@ def self_signed(folder: Path, service: str, trust_domain: str) -> tuple[Path, Pa
 def mislabelled(ring: CertRing, folder: Path, dns_name: str, service: str) -> tuple[Path, Path]:
     """A certificate of the mesh CA whose DNS SAN says `dns_name` but SPIFFE ID `service`:
     only the SPIFFE check can tell it is not `dns_name`'s."""
-    ca_key = certs.load_private_key(ring.certs_dir / certs.CA_KEY)
+    ca_key = certs.load_private_key(ring.ca_dir / certs.CA_KEY)
     ca_cert = certs.load_certificates(ring.ca_file)[0]
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -101,7 +105,7 @@ def foreign(folder: Path, service: str, trust_domain: str, **options: Any) -> tu
 def expired(ring: CertRing, folder: Path, service: str) -> tuple[Path, Path]:
     """A certificate of the mesh CA for `service` that expired a week ago."""
     long_ago = datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=8)
-    return certs.issue(ring.certs_dir, service=service, trust_domain=ring.trust_domain,
+    return certs.issue(ring.ca_dir, service=service, trust_domain=ring.trust_domain,
                        out_dir=folder, days=1, now=long_ago)
 
 
