@@ -20,6 +20,8 @@ from sidecar.config import loader as config_loader
 from sidecar.config.settings import Config, Limits
 from sidecar.http import edge, listener, problem, transport
 from sidecar.http.headers import ATTEMPTS, REASON, SIDECAR_PREFIX
+from sidecar.inbound.overload import InFlight
+from sidecar.inbound.ratelimit import RateLimits
 from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.bulkhead import Bulkheads
@@ -85,8 +87,10 @@ class Sidecar:
             # `/metrics` reads each breaker's state and the certificates' expiry when scraped.
             metrics=Metrics(peers=config.services, circuit_states=breakers.states,
                             certificates=lambda: self.tls.expiry() if self.tls else []),
-            tls=self.tls,
             tracing=setup_tracing(config.tracing, service_name=config.service),
+            rate_limits=RateLimits(self.clock),
+            in_flight=InFlight(),
+            tls=self.tls,
         )
         self._reload_state(config)
         self.wiring = wire(config, self.shared)
@@ -212,6 +216,7 @@ class Sidecar:
         self.shared.bulkheads.reload({n: s.policy.bulkhead for n, s in services.items()})
         self.shared.pools.reload(services)
         self.shared.metrics.set_peers(services)
+        self.shared.rate_limits.reload(config.inbound.rate_limits)
 
     def _ejected(self, service: str, url: str, seconds: float) -> None:
         log.warning("endpoint ejected", extra={"peer": service, "endpoint": url,

@@ -19,7 +19,9 @@ from sidecar.config.settings import Config, Service
 from sidecar.identity import keys
 from sidecar.identity.tokens import Minter, Verifier
 from sidecar.inbound import stack as inbound_stack
+from sidecar.inbound.overload import InFlight
 from sidecar.inbound.policy import Policy
+from sidecar.inbound.ratelimit import RateLimits
 from sidecar.outbound import stack as outbound_stack
 from sidecar.paths import RouteTable
 from sidecar.resilience.breaker import Breakers
@@ -49,6 +51,8 @@ class Shared:
     pools: Pools
     metrics: Metrics
     tracing: Tracing
+    rate_limits: RateLimits
+    in_flight: InFlight  # calls at the app now, for inbound.max_in_flight
     tls: MeshTLS | None = None  # the current certificates, when TLS is on
 
 
@@ -169,8 +173,10 @@ def wire(config: Config, shared: Shared) -> Wiring:
         ),
         inbound=inbound_stack.build(
             clock=shared.clock, session=shared.session, audit_log=shared.audit,
-            stats=shared.metrics, tracer=shared.tracing, limits=config.limits,
+            stats=shared.metrics, tracer=shared.tracing, rate_limits=shared.rate_limits,
+            in_flight=shared.in_flight, limits=config.limits,
             service=config.service, verifier=verifier, policy=policy, app=app_target(config),
             tls_mode=config.tls.mode, trust_domain=config.trust_domain,
+            max_in_flight=config.inbound.max_in_flight,
         ),
     )
