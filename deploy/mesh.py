@@ -10,10 +10,11 @@
   rewritten to 127.0.0.1:<port>.
 
 The configs are `deploy/config/<service>.yaml` with only what this machine
-needs rewritten: key and JWKS paths, the audit path, the tracing endpoint when
-one is given, the breaker settings when asked (a demo cannot wait 10 s), and,
-on loopback, the addresses. Keys come from `sidecar keygen` and `sidecar jwks`,
-as a user makes them. The processes are `deploy.process`'s, the harness the
+needs rewritten: key, JWKS and certificate paths, the audit path, the tracing
+endpoint when one is given, the breaker settings when asked (a demo cannot
+wait 10 s), and, on loopback, the addresses. Keys come from `sidecar keygen`
+and `sidecar jwks`, the CA and certificates from `sidecar certs`, as a user
+makes them. The processes are `deploy.process`'s, the harness the
 tests and the bench use too.
 """
 
@@ -37,6 +38,7 @@ from deploy.process import (
     READY_WITHIN,
     REQUEST_TIMEOUT,
     ROOT,
+    CertRing,
     KeyRing,
     Process,
     ProcessError,
@@ -50,6 +52,7 @@ from deploy.process import (
 from deploy.topology import APPS, SERVICES
 
 CONFIG_DIR = ROOT / "deploy" / "config"
+TRUST_DOMAIN = "intelluxe.local"  # the shipped configs' `trust_domain`
 COMPOSE_PORTS = {"app": 8000, "outbound": 15001, "inbound": 15006, "admin": 15000}
 
 
@@ -132,6 +135,7 @@ def adapt_config(
     private_key: Path,
     jwks: Path,
     audit: Path,
+    certs: CertRing | None = None,
     tracing_endpoint: str | None = None,
     breaker: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
@@ -142,6 +146,8 @@ def adapt_config(
         "private_key_file": str(private_key),
         "jwks_file": str(jwks),
     }
+    if certs is not None and "tls" in out:
+        out["tls"] = {**out["tls"], **certs.tls(site.service, out["tls"]["mode"])}
     out["audit"] = {**(out.get("audit") or {}), "path": str(audit)}
     if tracing_endpoint is not None:
         out["tracing"] = {**(out.get("tracing") or {}), "endpoint": tracing_endpoint}
@@ -182,6 +188,11 @@ class LocalMesh:
         return KeyRing(self.workdir)
 
     @property
+    def certs(self) -> CertRing:
+        """Where `prepare` puts the CA and the certificates (with the CLI too)."""
+        return CertRing(self.workdir, trust_domain=TRUST_DOMAIN)
+
+    @property
     def logs_dir(self) -> Path:
         return self.workdir / "logs"
 
@@ -205,6 +216,17 @@ class LocalMesh:
             )
         )
         await self._sidecar_cli("jwks", "-o", str(keyring.jwks_path), str(keyring.keys_dir))
+        ring = self.certs
+        await self._sidecar_cli("certs", "ca", "--out", str(ring.ca_dir))
+        await asyncio.gather(
+            *(
+                self._sidecar_cli("certs", "issue", "--ca", str(ring.ca_dir), "--service", service,
+                                  "--trust-domain", ring.trust_domain, "--out",
+                                  str(ring.certs_dir))
+                for service in self.sites
+            )
+        )
+        ring.trust(ring.ca_dir)
         for service, site in self.sites.items():
             shipped = yaml.safe_load((self.config_dir / f"{service}.yaml").read_text())
             doc = adapt_config(
@@ -214,6 +236,7 @@ class LocalMesh:
                 private_key=keyring.private_key(service),
                 jwks=keyring.jwks_path,
                 audit=self.audit_path(service),
+                certs=ring,
                 tracing_endpoint=self.tracing_endpoint,
                 breaker=self.breaker,
             )
