@@ -16,8 +16,9 @@ When the app sent no context, every attempt of the call shares that fresh id
 as root spans of one trace (rather than children of an invented parent that
 no backend would ever receive).
 
-Spans carry only SPEC's attribute list, built from the templated route,
-service names, the normalised method, status and reason codes. Exceptions
+Spans carry only SPEC's attribute list (and, over mTLS, the peer's SPIFFE
+ID), built from the templated route, service names, the normalised method,
+status and reason codes. Exceptions
 are never recorded (their messages may quote the request): `error.type` only.
 """
 

@@ -115,33 +115,28 @@ class Load:
         return self.statuses
 
 
-async def held_mesh(make_mesh: Callable[..., Mesh], upstreams: Callable[..., Upstream],
-                    ) -> tuple[Mesh, SidecarProcess, SidecarProcess, Held]:
+async def under_load(make_mesh: Callable[..., Mesh], upstreams: Callable[..., Upstream],
+                     ) -> tuple[CertRing, SidecarProcess, SidecarProcess, Held, Load]:
+    """a -> b in strict mTLS, IN_FLIGHT calls held at b's app and the trickle under way."""
     mesh = make_mesh(["a", "b"], tls="strict")
+    assert mesh.certs is not None
     app = Held()
     app_b = await upstreams(script=app).start()
     # b's call to its app takes its settings from `defaults`: the same room there.
     b = await mesh.sidecar("b", inbound={"app": app_b.url}, defaults=BIG_POOLS).start()
     a = await mesh.sidecar("a", services={"b": {"endpoints": [b.inbound_url],
                                                 **BIG_POOLS}}).start()
-    return mesh, a, b, app
-
-
-async def wait_held(app: Held) -> None:
+    load = Load(f"{a.outbound_url}/b")
+    load.start()
     for _ in range(400):
         if app.arrived >= IN_FLIGHT:
-            return
+            return mesh.certs, a, b, app, load
         await asyncio.sleep(0.05)
     raise AssertionError(f"only {app.arrived} calls reached the app")
 
 
 async def test_certificates_replaced_under_load_fail_no_call(make_mesh, upstreams):
-    mesh, a, b, app = await held_mesh(make_mesh, upstreams)
-    ring = mesh.certs
-    assert ring is not None
-    load = Load(f"{a.outbound_url}/b")
-    load.start()
-    await wait_held(app)
+    ring, a, b, app, load = await under_load(make_mesh, upstreams)
     before = {p.name: await reloads(p) for p in (a, b)}
     new_b, _ = ring.issue("b", days=30)
     ring.issue("a", days=30)
@@ -158,12 +153,7 @@ async def test_certificates_replaced_under_load_fail_no_call(make_mesh, upstream
 
 
 async def test_a_ca_rotation_old_and_new_then_new_only_fails_no_call(make_mesh, upstreams):
-    mesh, a, b, app = await held_mesh(make_mesh, upstreams)
-    ring = mesh.certs
-    assert ring is not None
-    load = Load(f"{a.outbound_url}/b")
-    load.start()
-    await wait_held(app)
+    ring, a, b, app, load = await under_load(make_mesh, upstreams)
     sidecars = [a, b]
 
     async def step(change: Callable[[], object]) -> None:
