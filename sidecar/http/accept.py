@@ -62,12 +62,14 @@ class Acceptor:
 
     def stop_accepting(self) -> None:
         """No new connections; those being accepted or served go on."""
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            self._loop_task = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        sock, self._sock = self._sock, None
+        task, self._loop_task = self._loop_task, None
+        if task is not None and not task.done() and sock is not None:
+            # Closed once the loop has let go of it: its descriptor is not reused under it.
+            task.add_done_callback(lambda _: sock.close())
+            task.cancel()
+        elif sock is not None:
+            sock.close()
 
     async def close(self) -> None:
         self.stop_accepting()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -200,3 +201,68 @@ async def test_a_far_side_with_the_right_host_name_but_another_spiffe_id_gets_no
     finally:
         await session.close()
         await runner.cleanup()
+
+
+async def test_outside_https_is_checked_against_the_services_own_ca(make_mesh, tmp_path: Path):
+    ca, cert, key = tls.loopback_server(tmp_path / "payer")
+    seen: list[dict[str, str]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.json_response({"paid": True})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(str(cert), str(key))
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+    try:
+        mesh = make_mesh(["a"], tls="strict")
+        outside = {"endpoints": [f"https://127.0.0.1:{port}"], "mesh": False,
+                   "retry": {"attempts": 1}}
+        a = await mesh.sidecar("a", services={
+            "payer": {**outside, "ca_file": str(ca)},
+            "stranger": outside,  # the same server, judged by the system's trust store
+        }).start()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{a.outbound_url}/payer/claims/1") as response:
+                assert response.status == 200
+            async with session.get(f"{a.outbound_url}/stranger/claims/1") as response:
+                assert response.status == 502
+                assert response.headers["x-sidecar-reason"] == "upstream_identity_mismatch"
+        assert len(seen) == 1 and "x-service-token" not in {h.lower() for h in seen[0]}
+        records = await wait_for_audit(a, 2)
+        assert [(r["target"], r["tls"], r["peer_id"]) for r in records] == [
+            ("payer", True, None), ("stranger", True, None)]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_strict_sidecar_drains_open_tls_calls_on_sigterm(make_mesh, upstreams):
+    gate = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await gate.wait()
+        return web.json_response({"done": True})
+
+    mesh = make_mesh(["a", "b"], tls="strict")
+    app_b = await upstreams(script=slow).start()
+    b = await mesh.sidecar("b", inbound={"app": app_b.url}).start()
+    a = await mesh.sidecar("a", services={"b": {"endpoints": [b.inbound_url],
+                                                "retry": {"attempts": 1}}}).start()
+    async with aiohttp.ClientSession() as session:
+        call = asyncio.ensure_future(session.get(f"{a.outbound_url}/b/claims/1"))
+        for _ in range(200):
+            if app_b.seen:
+                break
+            await asyncio.sleep(0.02)
+        b.signal(signal.SIGTERM)
+        await asyncio.sleep(0.2)
+        gate.set()
+        response = await call
+        assert response.status == 200 and (await response.json()) == {"done": True}
+        response.release()
+    assert await b.wait_exit() == 0

@@ -4,6 +4,7 @@ a capture of what the first bytes on the wire were, and tokens of any mesh servi
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import ssl
 from pathlib import Path
@@ -83,6 +84,28 @@ def mislabelled(ring: CertRing, folder: Path, dns_name: str, service: str) -> tu
         .sign(ca_key, hashes.SHA256())
     )
     return _write(folder, dns_name, cert, key)
+
+
+def loopback_server(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA of its own and a server certificate for 127.0.0.1 (an IP SAN), as a service
+    outside the mesh has: (CA file, certificate, key)."""
+    certs.make_ca(folder / "ca")
+    ca_key = certs.load_private_key(folder / "ca" / certs.CA_KEY)
+    ca_cert = certs.load_certificates(folder / "ca" / certs.CA_FILE)[0]
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "payer")]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    return (folder / "ca" / certs.CA_FILE, *_write(folder, "payer", cert, key))
 
 
 def _write(folder: Path, name: str, cert: x509.Certificate, key: Any) -> tuple[Path, Path]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,13 @@ from sidecar.inbound.mtls import match_peer, require_tls
 from sidecar.outbound.dial import dial_tls
 from sidecar.stack import Call, UpstreamError, compose
 from sidecar.telemetry.tracing import Tracing, plan_export, server_span
-from sidecar.tls.contexts import PeerMismatch, mesh_url, outside_context, peer_ids
+from sidecar.tls.contexts import (
+    PeerMismatch,
+    client_context,
+    mesh_url,
+    outside_context,
+    peer_ids,
+)
 from sidecar.tls.material import MeshTLS
 from tests.support.calls import Next, make_call, target
 
@@ -137,3 +145,30 @@ async def test_the_server_span_says_mtls_and_names_the_peer() -> None:
     assert span.attributes["url.scheme"] == "https"
     assert span.attributes["sidecar.peer_id"] == f"spiffe://{TD}/a"
     tracing.shutdown()
+
+
+async def test_tls_1_2_at_least_and_1_3_when_both_speak_it(tmp_path: Path) -> None:
+    ring = CertRing(tmp_path, trust_domain=TD).generate(["a", "b"])
+    server_side = MeshTLS(TLS(**ring.tls("b")), service="b", trust_domain=TD)
+    server_side.load()
+    assert server_side.server.minimum_version == ssl.TLSVersion.TLSv1_2
+    assert server_side.server.verify_mode == ssl.CERT_REQUIRED  # strict
+
+    async def close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(close, "127.0.0.1", 0, ssl=server_side.server)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        versions = []
+        for highest in (None, ssl.TLSVersion.TLSv1_2):
+            client = client_context(TLS(**ring.tls("a")), TD)
+            if highest is not None:
+                client.maximum_version = highest
+            _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client,
+                                                      server_hostname="b")
+            versions.append(writer.get_extra_info("ssl_object").version())
+            writer.close()
+        assert versions == ["TLSv1.3", "TLSv1.2"]
+    finally:
+        server.close()
