@@ -53,6 +53,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.sagas $(if $(BENCH_QUICK),--requests 500 --sagas 60)
+	$(BIN)/python -m bench.mtls $(if $(BENCH_QUICK),--requests 500)
 
 # py-spy on both sidecars of the mesh path under a fixed rate: flame graphs and top functions.
 profile: $(STAMP)

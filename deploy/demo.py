@@ -8,11 +8,14 @@ where `ip netns` works, every service gets a network namespace of its own,
 exactly as a Compose container (`deploy.netns`); elsewhere everything runs on
 127.0.0.1 with a port set per service. Then it drives encounters, each a saga
 in healthcare-api's sidecar, shows the identities each app saw, the trace of
-each encounter, a refused call, a saga whose billing step fails and is
-compensated, a sidecar killed mid-saga and started again, compliance-monitor
-going away with its callers' breakers opening while no event or audit record
-is lost, the audit trail, and stops everything. Nothing outside 127.0.0.0/8 and the namespaces'
-own 198.18.0.0/24 is contacted, unless OTEL_EXPORTER_OTLP_ENDPOINT says so.
+each encounter, refused calls (a policy denial, plain text and a client
+without a certificate at a strict mTLS port), a saga whose billing step fails
+and is compensated, a sidecar killed mid-saga and started again,
+compliance-monitor going away with its callers' breakers opening while no
+event or audit record is lost, every certificate replaced under load without
+a failed call, the audit trail with the SPIFFE IDs of the peers, and stops
+everything. Nothing outside 127.0.0.0/8 and the namespaces' own
+198.18.0.0/24 is contacted, unless OTEL_EXPORTER_OTLP_ENDPOINT says so.
 
 Environment:
 
@@ -32,6 +35,7 @@ import contextlib
 import json
 import os
 import signal
+import ssl
 import sys
 import tempfile
 import time
@@ -41,6 +45,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import yaml
 
 from deploy import narration, netns, traces
@@ -49,9 +54,10 @@ from deploy.apps.common import AppSettings, Neighbours, Reply
 from deploy.mesh import CONFIG_DIR, LocalMesh, loopback_placement, netns_placement
 from deploy.process import ProcessError
 from deploy.topology import APPS, EDGE, SERVICES
+from sidecar.tls import certs
 from sidecar.workflows.crash import VARIABLE as CRASH_POINT_VARIABLE
 
-TIME_LIMIT = 80.0  # seconds for the whole demo, clean-up excluded
+TIME_LIMIT = 95.0  # seconds for the whole demo, clean-up excluded
 # Short enough to watch: the shipped configs open after 5 failures and probe after 10 s,
 # redeliver up to 10 s apart and ship audit records every second.
 DEMO_BREAKER = {"failure_threshold": 2, "recovery_timeout": "2s"}
@@ -64,6 +70,10 @@ CRASH_POINT = "after-action:claim"  # billing-engine has filed the claim; the si
 TOO_MUCH_CENTS = 20_000_000  # over billing-engine's limit: it refuses the claim
 WITHIN = 20.0  # seconds any awaited outcome gets
 TRACE_WAIT = 5.0
+ROTATION_WORKERS = 4  # encounters at a time while the certificates change
+ROTATION_AT_MOST = 400  # encounters, and ...
+ROTATION_WITHIN = 20.0  # ... seconds: the load is bounded both ways
+ROTATED_DAYS = 60  # the new certificates' validity, so the change shows
 RULE = "=" * 72
 
 
@@ -148,6 +158,11 @@ class Demo:
             "",
             f"Keys: `sidecar keygen` made one key pair per service in {keyring.keys_dir},",
             f"      `sidecar jwks` merged the public keys into {keyring.jwks_path}.",
+            f"Certificates: `sidecar certs ca` made the mesh CA in {self.mesh.certs.ca_dir},",
+            "      `sidecar certs issue` one certificate per service in",
+            f"      {self.mesh.certs.certs_dir}",
+            "      (URI SAN spiffe://intelluxe.local/<service>). Every sidecar runs",
+            "      tls.mode strict: port 15006 takes mutual TLS only.",
             f"Configs: deploy/config/*.yaml, rewritten for this machine, in {self.workdir}/config.",
             f"Breakers shortened for the demo: {narration.breaker_text(DEMO_BREAKER)}",
             f"  (deploy/config: {narration.breaker_text(_shipped_breaker())}).",
@@ -317,8 +332,9 @@ class Demo:
         target = self.mesh.sites["healthcare-api"]
         say(
             "",
-            "A caller that skips its sidecar has no token. From the edge's network straight",
-            f"to healthcare-api's inbound port ({target.inbound_url}):",
+            "A caller that skips its sidecar has neither token nor certificate. From the",
+            f"edge's network straight to healthcare-api's inbound port ({target.inbound_url}),",
+            "in plain text:",
             "",
         )
         async with self.mesh.session(EDGE) as session:
@@ -328,8 +344,25 @@ class Demo:
                 reason = response.headers.get("x-sidecar-reason")
         say(f"POST {target.inbound_url}/encounters -> {status}, x-sidecar-reason: {reason}")
         say(*narration.indented(narration.pretty(body)))
-        if status != 401:
-            self.problems.append(f"expected 401 token_missing, got {status}")
+        if status != 400 or reason != "tls_required":
+            self.problems.append(f"expected 400 tls_required, got {status}")
+        tls_url = f"https://{target.address}:{target.inbound_port}/encounters"
+        say(
+            "",
+            "The same with TLS, trusting the mesh CA but showing no client certificate:",
+            "",
+        )
+        context = ssl.create_default_context(cafile=str(self.mesh.certs.ca_file))
+        async with self.mesh.session(EDGE) as session:
+            try:
+                async with session.post(tls_url, json={}, ssl=context,
+                                        server_hostname="healthcare-api") as response:
+                    outcome = f"{response.status} (it should not have been let in)"
+                    self.problems.append("a client without a certificate was answered")
+            except (aiohttp.ClientError, OSError) as exc:
+                outcome = f"refused during the TLS handshake ({type(exc).__name__})"
+        say(f"POST {tls_url} -> {outcome}",
+            "  healthcare-api's audit log records it as 400 tls_required; its app saw nothing.")
 
     # ---- 5. a saga that fails and is compensated
 
@@ -497,25 +530,82 @@ class Demo:
             say("", f"The same in {caller}'s Prometheus metrics (/metrics):")
             say(*("  " + line for line in lines))
 
-    # ---- 7. stop
+    # ---- 7. rotation
+
+    async def rotation(self) -> None:
+        assert self.mesh is not None
+        heading("9. Every certificate replaced under load: no call fails")
+        ring = self.mesh.certs
+        say(
+            f"Encounters keep coming, {ROTATION_WORKERS} at a time, while each service gets a new",
+            f"key and certificate ({ROTATED_DAYS} days) from the mesh CA, renamed into place as a",
+            "Kubernetes Secret update or `keygen RENEW=...` does. Each sidecar notices within",
+            "two seconds, checks the files (key, chain, SPIFFE ID) and uses them for new",
+            "connections; calls on open connections finish on the old certificate.",
+            "",
+        )
+        before = {service: _not_after(ring.cert_file(service)) for service in SERVICES}
+        reloads = {service: self._reloads(service) for service in SERVICES}
+        load = _Load(self)
+        running = asyncio.ensure_future(load.run())
+        try:
+            await asyncio.sleep(0.5)  # under way first
+            for service in SERVICES:
+                ring.issue(service, days=ROTATED_DAYS)
+            ends = time.monotonic() + 10
+            # Polled: the sidecars tell only their logs.
+            while time.monotonic() < ends and any(  # noqa: ASYNC110
+                    self._reloads(s) <= reloads[s] for s in SERVICES):
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)  # and on over the new certificates for a while
+        finally:
+            load.stop.set()
+            await running
+        for service in SERVICES:
+            reloaded = self._reloads(service) > reloads[service]
+            say(f"  {service:<24} not after {before[service]} -> "
+                f"{_not_after(ring.cert_file(service))}"
+                f"{'' if reloaded else '  (NOT reloaded)'}")
+            if not reloaded:
+                self.problems.append(f"{service}'s sidecar did not reload its certificate")
+        say("", f"{load.encounters} encounters ({load.calls} calls between sidecars) during "
+                f"the rotation: {load.failed} failed.")
+        if load.failed or not load.encounters:
+            self.problems.append(f"{load.failed} calls failed during the certificate rotation")
+        _, text = await self.mesh.admin("healthcare-api", "/metrics")
+        lines = [line for line in str(text).splitlines()
+                 if line.startswith("sidecar_certificate_expiry_seconds{")]
+        say("", "healthcare-api's /metrics, seconds until its certificate and CA expire:",
+            *(f"  {line}  ({float(line.split()[-1]) / 86400:.1f} days)" for line in lines))
+
+    def _reloads(self, service: str) -> int:
+        assert self.mesh is not None
+        log = self.mesh.sidecars[service].stdout_path
+        try:
+            return log.read_text().count('"msg":"certificates reloaded"')
+        except OSError:
+            return 0
+
+    # ---- 8. stop
 
     async def stop(self) -> None:
         assert self.mesh is not None
-        heading("9. Stopping: apps first, then their sidecars (SIGTERM, drain, exit 0)")
+        heading("10. Stopping: apps first, then their sidecars (SIGTERM, drain, exit 0)")
         codes = await self.mesh.stop()
         for name, code in codes.items():
             say(f"  {name:<32} exit {code}")
         if any(code != 0 for name, code in codes.items() if name.endswith("sidecar")):
             self.problems.append("a sidecar did not exit 0 on SIGTERM")
 
-    # ---- 8. audit
+    # ---- 9. audit
 
     async def audit(self) -> None:
         assert self.mesh is not None
-        heading("10. The audit trail: one hash-chained line per call decision, per sidecar")
+        heading("11. The audit trail: one hash-chained line per call decision, per sidecar")
         say(
             "No bodies, query strings, tokens or identifiers: path segments that could be",
-            "identifiers are {id}. A few lines each, then `sidecar audit verify`:",
+            "identifiers are {id}. Each line says whether the call was mTLS and the peer's",
+            "SPIFFE ID. A few lines each, then `sidecar audit verify`:",
         )
         for service in SERVICES:
             path = self.mesh.audit_path(service)
@@ -530,6 +620,35 @@ class Demo:
 
 
 # ---- helpers
+
+
+class _Load:
+    """Encounters from the edge, ROTATION_WORKERS at a time, until `stop` (or the bounds)."""
+
+    def __init__(self, demo: Demo) -> None:
+        self.demo = demo
+        self.stop = asyncio.Event()
+        self.encounters = 0
+        self.calls = 0
+        self.failed = 0
+
+    async def run(self) -> None:
+        ends = time.monotonic() + ROTATION_WITHIN
+        async def worker() -> None:
+            while (not self.stop.is_set() and time.monotonic() < ends
+                   and self.encounters < ROTATION_AT_MOST):
+                self.encounters += 1
+                reply = await self.demo._encounter("TEST-PATIENT-001")
+                tree = reply.summary()
+                self.calls += narration.hops(tree)
+                self.failed += narration.failed_calls(tree)
+
+        await asyncio.gather(*(worker() for _ in range(ROTATION_WORKERS)))
+
+
+def _not_after(cert: Path) -> str:
+    return next((line.split(": ", 1)[1] for line in certs.describe(cert)
+                 if line.startswith("not after:")), "?")[:10]
 
 
 async def _verify(path: Path) -> tuple[int, str]:
@@ -573,6 +692,7 @@ async def run(demo: Demo) -> None:
     await demo.crash()
     held = await demo.compliance_away()
     await demo.compliance_back(held)
+    await demo.rotation()
     await demo.stop()
     await demo.audit()
 

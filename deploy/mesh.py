@@ -10,11 +10,12 @@
   rewritten to 127.0.0.1:<port>.
 
 The configs are `deploy/config/<service>.yaml` with only what this machine
-needs rewritten: key and JWKS paths, the audit path, the workflow store's
-file, the tracing endpoint when one is given, the breaker, redelivery and
-shipping pace when asked (a demo cannot wait 10 s), and, on loopback, the
-addresses. Keys come from `sidecar keygen` and `sidecar jwks`,
-as a user makes them. The processes are `deploy.process`'s, the harness the
+needs rewritten: key, JWKS and certificate paths, the audit path, the
+workflow store's file, the tracing endpoint when one is given, the breaker,
+redelivery and shipping pace when asked (a demo cannot wait 10 s), and, on
+loopback, the addresses. Keys come from `sidecar keygen` and `sidecar jwks`,
+the CA and certificates from `sidecar certs`, as a user makes them. The
+processes are `deploy.process`'s, the harness the
 tests and the bench use too.
 """
 
@@ -38,6 +39,7 @@ from deploy.process import (
     READY_WITHIN,
     REQUEST_TIMEOUT,
     ROOT,
+    CertRing,
     KeyRing,
     Process,
     ProcessError,
@@ -51,6 +53,7 @@ from deploy.process import (
 from deploy.topology import APPS, SERVICES
 
 CONFIG_DIR = ROOT / "deploy" / "config"
+TRUST_DOMAIN = "intelluxe.local"  # the shipped configs' `trust_domain`
 COMPOSE_PORTS = {"app": 8000, "outbound": 15001, "inbound": 15006, "admin": 15000}
 
 
@@ -134,6 +137,7 @@ def adapt_config(
     jwks: Path,
     audit: Path,
     store: Path | None = None,
+    certs: CertRing | None = None,
     tracing_endpoint: str | None = None,
     breaker: Mapping[str, Any] | None = None,
     redelivery: Mapping[str, Any] | None = None,
@@ -146,6 +150,8 @@ def adapt_config(
         "private_key_file": str(private_key),
         "jwks_file": str(jwks),
     }
+    if certs is not None and "tls" in out:
+        out["tls"] = {**out["tls"], **certs.tls(site.service, out["tls"]["mode"])}
     out["audit"] = {**(out.get("audit") or {}), "path": str(audit)}
     if ship_interval is not None and out["audit"].get("ship"):
         out["audit"]["ship"] = {**out["audit"]["ship"], "interval": ship_interval}
@@ -196,6 +202,11 @@ class LocalMesh:
         return KeyRing(self.workdir)
 
     @property
+    def certs(self) -> CertRing:
+        """Where `prepare` puts the CA and the certificates (with the CLI too)."""
+        return CertRing(self.workdir, trust_domain=TRUST_DOMAIN)
+
+    @property
     def logs_dir(self) -> Path:
         return self.workdir / "logs"
 
@@ -222,6 +233,17 @@ class LocalMesh:
             )
         )
         await self._sidecar_cli("jwks", "-o", str(keyring.jwks_path), str(keyring.keys_dir))
+        ring = self.certs
+        await self._sidecar_cli("certs", "ca", "--out", str(ring.ca_dir))
+        await asyncio.gather(
+            *(
+                self._sidecar_cli("certs", "issue", "--ca", str(ring.ca_dir), "--service", service,
+                                  "--trust-domain", ring.trust_domain, "--out",
+                                  str(ring.certs_dir))
+                for service in self.sites
+            )
+        )
+        ring.trust(ring.ca_dir)
         for service, site in self.sites.items():
             shipped = yaml.safe_load((self.config_dir / f"{service}.yaml").read_text())
             doc = adapt_config(
@@ -232,6 +254,7 @@ class LocalMesh:
                 jwks=keyring.jwks_path,
                 audit=self.audit_path(service),
                 store=self.store_path(service),
+                certs=ring,
                 tracing_endpoint=self.tracing_endpoint,
                 breaker=self.breaker,
                 redelivery=self.redelivery,

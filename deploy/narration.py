@@ -75,6 +75,21 @@ def spans_expected(tree: Node, saga: Mapping[str, Any] | None) -> int:
     same per fan-out delivery."""
     sent = [step for step in (saga or {}).get("steps", []) if step.get("attempts")]
     return 2 + 3 * len(sent) + 3 * fanouts(tree)
+def failed_calls(node: Node) -> int:
+    """The calls in a call tree that did not answer 2xx, this one included."""
+    status = node.get("status")
+    failed = 0 if isinstance(status, int) and 200 <= status < 300 else 1
+    return failed + sum(failed_calls(child) for child in children(node))
+
+
+def calls_to(tree: Node, target: str) -> dict[str, Node]:
+    """caller -> its call to `target`, for each call to `target` below the tree's root."""
+    found: dict[str, Node] = {}
+    for child in children(tree):
+        for call in children(child):
+            if call.get("service") == target:
+                found[str(child.get("service"))] = call
+    return found
 
 
 def saga_text(saga: Mapping[str, Any] | None) -> str:
@@ -93,15 +108,18 @@ def status_text(reply: Reply) -> str:
 
 
 def audit_line(record: Mapping[str, Any], service: str) -> str:
-    """One record of `service`'s audit log in a line: time, who, what, answer, trace, hash."""
+    """One record of `service`'s audit log in a line: time, who, what, answer, the peer's
+    SPIFFE ID over mTLS (or plain), trace, hash."""
     reason = f" {record['reason']}" if record.get("reason") else ""
+    transport = (f"mtls={record['peer_id']}" if record.get("tls") and record.get("peer_id")
+                 else "tls" if record.get("tls") else "plain")
     # An inbound record's target is the log's own service.
     target = record.get("target") or service
     return (
         f"{str(record.get('ts', ''))[11:23]} {record.get('direction', ''):<8} "
         f"{record.get('source')} -> {target} "
         f"{record.get('method')} {record.get('route')} {record.get('status')}{reason} "
-        f"{record.get('decision')} trace={str(record.get('trace_id', ''))[:8]} "
+        f"{record.get('decision')} {transport} trace={str(record.get('trace_id', ''))[:8]} "
         f"hash={str(record.get('hash', ''))[:8]}"
     )
 

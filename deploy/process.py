@@ -34,6 +34,7 @@ import aiohttp
 import yaml
 
 from sidecar.identity import keys
+from sidecar.tls import certs
 
 ROOT = Path(__file__).resolve().parents[1]
 READY_WITHIN = 30.0  # seconds a sidecar gets to answer its readiness probe
@@ -144,6 +145,87 @@ class KeyRing:
             "private_key_file": str(self.private_key(service)),
             "jwks_file": str(self.jwks_path),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class CertRing:
+    """A mesh CA and a certificate per service, as `sidecar certs` makes them; `tls` is the
+    config section that names them.
+
+    The CA itself lives in `ca_dir`; the sidecars read the bundle `ca_file`,
+    which holds it (and, during a rotation, the next CA too). Files are
+    replaced by rename, as a Kubernetes Secret or an atomic deploy does.
+    """
+
+    workdir: Path
+    trust_domain: str = "mesh.test"
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.workdir / "certs"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.workdir / "ca"
+
+    @property
+    def next_ca_dir(self) -> Path:
+        """Where a rotation makes the CA that replaces the one in `ca_dir`."""
+        return self.workdir / "next-ca"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.certs_dir / "mesh-ca.pem"
+
+    def cert_file(self, service: str) -> Path:
+        return self.certs_dir / f"{service}.crt"
+
+    def key_file(self, service: str) -> Path:
+        return self.certs_dir / f"{service}.key"
+
+    def generate(self, services: Iterable[str]) -> CertRing:
+        certs.make_ca(self.ca_dir)
+        self.certs_dir.mkdir(parents=True, exist_ok=True)
+        self.trust(self.ca_dir)
+        for service in services:
+            self.issue(service)
+        return self
+
+    def issue(self, service: str, *, ca_dir: Path | None = None,
+              **options: Any) -> tuple[Path, Path]:
+        """A (new) certificate for `service` from the CA in `ca_dir` (the mesh CA unless
+        given), in place of its files: the key first, then the certificate."""
+        fresh = self.workdir / "issuing"
+        cert, key = certs.issue(ca_dir or self.ca_dir, service=service,
+                                trust_domain=self.trust_domain, out_dir=fresh, overwrite=True,
+                                **options)
+        os.replace(key, self.key_file(service))
+        os.replace(cert, self.cert_file(service))
+        return self.cert_file(service), self.key_file(service)
+
+    def trust(self, *ca_dirs: Path) -> None:
+        """Make the bundle the CAs of `ca_dirs`, in one rename."""
+        staged = self.workdir / "bundle.pem"
+        staged.write_bytes(b"".join((d / certs.CA_FILE).read_bytes() for d in ca_dirs))
+        os.replace(staged, self.ca_file)
+
+    def begin_ca_rotation(self) -> None:
+        """Step 1 of 3: a new CA, trusted beside the old one."""
+        certs.make_ca(self.next_ca_dir, overwrite=True)
+        self.trust(self.ca_dir, self.next_ca_dir)
+
+    # Step 2 of 3: `issue(service, ca_dir=next_ca_dir)` for every service.
+
+    def finish_ca_rotation(self) -> None:
+        """Step 3 of 3: only the new CA is trusted, and it becomes the mesh CA."""
+        self.trust(self.next_ca_dir)
+        for name in (certs.CA_FILE, certs.CA_KEY):
+            os.replace(self.next_ca_dir / name, self.ca_dir / name)
+
+    def tls(self, service: str, mode: str = "strict") -> dict[str, Any]:
+        """The `tls` section of `service`'s config (the top-level `trust_domain` goes with it)."""
+        return {"mode": mode, "ca_file": str(self.ca_file),
+                "cert_file": str(self.cert_file(service)), "key_file": str(self.key_file(service))}
 
 
 class ProcessError(RuntimeError):

@@ -13,6 +13,7 @@ from sidecar.config import loader as config_loader
 from sidecar.config.settings import Identity, Listen
 from sidecar.config.units import parse_duration
 from sidecar.identity import keys
+from sidecar.tls import certs
 
 WAIT_TIMEOUT = "60s"
 
@@ -51,11 +52,49 @@ def _parser() -> argparse.ArgumentParser:
     jwks.add_argument("-o", "--out")
     jwks.add_argument("dirs", nargs="+")
 
+    _certs_parser(commands.add_parser("certs", help="the mesh CA and service certificates"))
+
     audit = commands.add_parser("audit", help="audit log tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_commands.add_parser("verify", help="check the audit hash chain")
     verify.add_argument("file")
     return parser
+
+
+def _certs_parser(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="certs_command", required=True)
+    ca = commands.add_parser("ca", help="make a mesh CA: DIR/ca.pem and DIR/ca.key")
+    ca.add_argument("--out", required=True)
+    ca.add_argument("--days", type=int, default=certs.CA_DAYS)
+    ca.add_argument("--algorithm", default=certs.DEFAULT_ALGORITHM, choices=names.CERT_ALGORITHMS)
+    ca.add_argument("--force", action="store_true", help="replace existing files")
+    issue = commands.add_parser("issue", help="a service's certificate: DIR/NAME.crt, NAME.key")
+    issue.add_argument("--ca", required=True, help="the folder of ca.pem and ca.key")
+    issue.add_argument("--service", required=True)
+    issue.add_argument("--trust-domain", required=True)
+    issue.add_argument("--out", required=True)
+    issue.add_argument("--days", type=int, default=certs.LEAF_DAYS)
+    issue.add_argument("--force", action="store_true", help="replace existing files")
+    show = commands.add_parser("show", help="subject, SPIFFE ID and validity of a certificate")
+    show.add_argument("file")
+
+
+def _certs(args: argparse.Namespace) -> int:
+    try:
+        if args.certs_command == "show":
+            print("\n".join(certs.describe(args.file)))
+            return 0
+        if args.certs_command == "ca":
+            written = certs.make_ca(args.out, days=args.days, algorithm=args.algorithm,
+                                    overwrite=args.force)
+        else:
+            written = certs.issue(args.ca, service=args.service, trust_domain=args.trust_domain,
+                                  out_dir=args.out, days=args.days, overwrite=args.force)
+    except (ValueError, OSError) as exc:
+        print(f"sidecar certs {args.certs_command}: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {written[0]} and {written[1]}")
+    return 0
 
 
 def _config_path(value: str | None) -> str | None:
@@ -122,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from sidecar.wiring import check_keys
 
-        problems = check_keys(config)
+        problems = check_keys(config, dates=args.command == "check")
         for line in problems:
             print(line, file=sys.stderr)
         if problems:
@@ -154,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             sys.stdout.write(text)
         return 0
+    if args.command == "certs":
+        return _certs(args)
     if args.command == "audit":
         from sidecar.audit.log import verify_file
 

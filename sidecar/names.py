@@ -27,6 +27,11 @@ ANY_SERVICE = "*"
 """A policy rule's `from` entry that allows every verified service."""
 
 
+_TRUST_DOMAIN = re.compile(r"[a-z0-9.-]{1,253}")
+TRUST_DOMAIN_RULE = "a DNS-style trust domain such as example.local"
+SPIFFE_SCHEME = "spiffe://"
+
+
 def is_service_name(name: object) -> bool:
     """True if `name` is a DNS label in any letter case.
 
@@ -38,6 +43,31 @@ def is_service_name(name: object) -> bool:
         and name.isascii()
         and _SERVICE_NAME.fullmatch(name.lower()) is not None
     )
+
+
+def is_trust_domain(name: object) -> bool:
+    """True if `name` is a trust domain: lowercase letters, digits, '.' and '-'."""
+    return isinstance(name, str) and _TRUST_DOMAIN.fullmatch(name.lower()) is not None
+
+
+def spiffe_id(trust_domain: str, service: str) -> str:
+    """`spiffe://<trust_domain>/<service>`: a token's `sub` and a certificate's URI SAN."""
+    return f"{SPIFFE_SCHEME}{trust_domain}/{service}"
+
+
+def service_of(spiffe: str | None, trust_domain: str | None) -> str | None:
+    """The service a SPIFFE ID of `trust_domain` names (lowercased), else None.
+
+    Only the form `spiffe_id` writes counts: one path segment that is a
+    service name, in this trust domain and no other.
+    """
+    if spiffe is None or trust_domain is None:
+        return None
+    prefix = spiffe_id(trust_domain, "")
+    if not spiffe.lower().startswith(prefix):
+        return None
+    name = spiffe[len(prefix):]
+    return name.lower() if is_service_name(name) else None
 
 
 # -- HTTP methods -----------------------------------------------------------------
@@ -56,6 +86,16 @@ SECRET_ALGORITHM = "HS256"
 """One shared secret for the whole mesh: for compatibility, and weaker."""
 
 ALGORITHMS = (*KEY_PAIR_ALGORITHMS, SECRET_ALGORITHM)
+
+CERT_ALGORITHMS = ("ES256", "EdDSA")
+"""Keys of the mesh CA and its leaf certificates (`sidecar certs`): ECDSA P-256 or Ed25519."""
+
+# -- encryption in transit (SPEC "Encryption in transit") -------------------------
+
+TLS_DISABLED = "disabled"
+TLS_PERMISSIVE = "permissive"
+TLS_STRICT = "strict"
+TLS_MODES = (TLS_DISABLED, TLS_PERMISSIVE, TLS_STRICT)
 
 # -- span export (SPEC "Config", `tracing`) --------------------------------------
 

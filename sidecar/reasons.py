@@ -40,6 +40,14 @@ _ROWS = (
     Reason("body_too_large", 413, "Request body too large", denial=True),
     # Not in SPEC's table: a request body that stopped moving (Envoy's stream idle timeout).
     Reason("body_stalled", 408, "Request body stalled", denial=True),
+    # SPEC "Encryption in transit" and "Rate limits (inbound)":
+    Reason("tls_required", 400, "TLS required", denial=True),
+    Reason("peer_identity_mismatch", 401, "Peer identity mismatch", denial=True),
+    # Refused before any byte was sent, and a sign of a wrong endpoint: both.
+    Reason("upstream_identity_mismatch", 502, "Upstream identity mismatch", denial=True,
+           upstream_failure=True),
+    Reason("rate_limited", 429, "Rate limited", denial=True),
+    Reason("overloaded", 503, "Overloaded", denial=True),
     # Not in SPEC's table: the last-resort answer when the sidecar itself failed.
     Reason("internal_error", 500, "Internal error"),
     # Not in SPEC's table: the sidecar's own API (`/_sidecar/v1/`).
@@ -57,6 +65,7 @@ FAILURE_REASONS: Mapping[str, str] = MappingProxyType({
     "bad-response": "upstream_reset",
     "timeout": "upstream_timeout",
     "per-try-timeout": "upstream_timeout",
+    "identity-mismatch": "upstream_identity_mismatch",
 })
 
 

@@ -20,8 +20,10 @@ from sidecar.audit.log import AuditLog
 from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.config import loader as config_loader
 from sidecar.config.settings import Config, Limits
-from sidecar.http import edge, listener, transport
+from sidecar.http import edge, listener, problem, transport
 from sidecar.http.headers import ATTEMPTS, REASON, SIDECAR_PREFIX
+from sidecar.inbound.overload import InFlight
+from sidecar.inbound.ratelimit import RateLimits
 from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.budget import RetryBudgets
 from sidecar.resilience.bulkhead import Bulkheads
@@ -30,6 +32,7 @@ from sidecar.stack import Body, Call, Direction, Reply
 from sidecar.tasks import TaskGroup
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import setup_tracing
+from sidecar.tls.material import MeshTLS
 from sidecar.wiring import Shared, Wiring, wire
 from sidecar.workflows.lifecycle import StoreUnavailable, open_engine, start_shipper
 from sidecar.workflows.shipping import Shipper
@@ -40,7 +43,12 @@ log = logging.getLogger("sidecar")
 # are kept until a restart; limits, audit file, tracing and the workflow store
 # live in the listeners, the audit log, the tracer and the engine, built once).
 MESH_HEADERS = 8
-RESTART_ONLY = ("service", "listen", "limits", "audit", "tracing", "workflows")
+RESTART_ONLY = ("service", "listen", "limits", "audit", "tracing", "workflows", "tls")
+TLS_RESTART_ONLY = ("trust_domain",)
+# What a failed TLS handshake on the inbound port is audited and counted as.
+HANDSHAKE_FAILED = problem.reply(
+    "tls_required", "The TLS handshake failed: this port takes mutual TLS with a certificate "
+    "of the mesh CA that is in date.")
 
 
 class StartFailed(Exception):
@@ -61,11 +69,17 @@ class Sidecar:
         self.shared: Shared | None = None
         self.wiring: Wiring | None = None
         self.shipper: Shipper | None = None
+        self.tls: MeshTLS | None = None
 
     # -- start -------------------------------------------------------------
 
     async def start(self) -> None:
         config = self.config
+        if config.tls.enabled:
+            assert config.trust_domain is not None
+            self.tls = MeshTLS(config.tls, service=config.service,
+                               trust_domain=config.trust_domain, clock=self.clock)
+            self.tls.load()
         audit = AuditLog(config.audit.path, clock=self.clock)
         await audit.start()
         session = transport.new_session(connect_timeout=config.defaults.connect_timeout)
@@ -78,10 +92,14 @@ class Sidecar:
             budgets=RetryBudgets({}, self.clock),
             bulkheads=Bulkheads({}),
             pools=Pools(clock=self.clock, tasks=self.tasks, session=session,
-                        on_eject=self._ejected),
-            # `/metrics` reads each breaker's state when scraped.
-            metrics=Metrics(peers=config.services, circuit_states=breakers.states),
+                        on_eject=self._ejected, tls=self.tls),
+            # `/metrics` reads each breaker's state and the certificates' expiry when scraped.
+            metrics=Metrics(peers=config.services, circuit_states=breakers.states,
+                            certificates=lambda: self.tls.expiry() if self.tls else []),
             tracing=setup_tracing(config.tracing, service_name=config.service),
+            rate_limits=RateLimits(self.clock),
+            in_flight=InFlight(),
+            tls=self.tls,
         )
         self._reload_state(config)
         if config.workflows is not None:
@@ -96,10 +114,14 @@ class Sidecar:
         # The calling sidecar adds a few headers of its own (token, trace
         # context, deadline): a call within the limit at its app stays within it here.
         inbound_limits = replace(limits, max_headers=limits.max_headers + MESH_HEADERS)
-        await self._listen("inbound", self._inbound, config.listen.inbound, inbound_limits)
+        await self._listen("inbound", self._inbound, config.listen.inbound, inbound_limits,
+                           tls=self.tls)
         await self._listen("outbound", self._outbound, config.listen.outbound, limits)
         host, port = config.listen.admin
         self._listeners["admin"] = await listener.start_app(admin_app(self), host, port)
+        if self.tls is not None:
+            # New files reach new connections; open ones finish on the old ones.
+            self.tasks.start("tls-watch", self.tls.watch())
         self.listening = True
         if self.shared.workflows is not None:
             # After the stacks: resumed work goes out through them at once.
@@ -122,13 +144,17 @@ class Sidecar:
                         "compiled extension for this platform)", extra={"http_parser": parser})
 
     async def _listen(self, name: str, handler: listener.RawHandler,
-                      address: tuple[str, int], limits: Limits) -> None:
+                      address: tuple[str, int], limits: Limits,
+                      tls: MeshTLS | None = None) -> None:
         direction: Direction = "inbound" if name == "inbound" else "outbound"
         self._listeners[name] = await listener.start(
             handler, address[0], address[1], limits=limits,
             on_refused=lambda reply: self._refused(direction, reply),
             # No attempt is made for a request refused while parsing.
-            answer_headers={ATTEMPTS: "0"} if direction == "outbound" else None)
+            answer_headers={ATTEMPTS: "0"} if direction == "outbound" else None,
+            # Asked per connection, so a rotation reaches every new one.
+            tls=(lambda: tls.server) if tls is not None else None,
+            on_handshake_failed=lambda: self._refused(direction, HANDSHAKE_FAILED))
 
     async def _workflow_call(self, call: Call) -> Reply:
         """A workflow's call, through the outbound stack of the config in force now."""
@@ -151,6 +177,8 @@ class Sidecar:
             reasons.append("config or keys not loaded")
         if not self.listening:
             reasons.append("listeners not up")
+        if self.tls is not None:
+            reasons += self.tls.not_ready()
         return reasons
 
     def outbound_not_ready(self) -> list[str]:
@@ -244,6 +272,7 @@ class Sidecar:
         self.shared.bulkheads.reload({n: s.policy.bulkhead for n, s in services.items()})
         self.shared.pools.reload(services)
         self.shared.metrics.set_peers(services)
+        self.shared.rate_limits.reload(config.inbound.rate_limits)
 
     def _ejected(self, service: str, url: str, seconds: float) -> None:
         log.warning("endpoint ejected", extra={"peer": service, "endpoint": url,
@@ -256,14 +285,19 @@ class Sidecar:
                                                        "state": new})
 
     def reload(self) -> bool:
-        """Re-read config, keys and JWKS; swap them in whole, or keep the old on error."""
+        """Re-read config, keys, JWKS and certificates; swap them in whole, or keep the old
+        on error (the certificate files on their own: they do not wait for the config)."""
+        if self.tls is not None:
+            self.tls.reload()
         path = self.config.source_file
         if path is None:
             return False
         try:
             new = config_loader.load(path)
-            # Listeners, the audit file and the tracer are built once per process.
-            fixed = {key: getattr(self.config, key) for key in RESTART_ONLY
+            # Listeners, the audit file and the tracer are built once per process, and
+            # so are the TLS settings with the trust domain their SPIFFE IDs live in.
+            kept = RESTART_ONLY + (TLS_RESTART_ONLY if self.tls is not None else ())
+            fixed = {key: getattr(self.config, key) for key in kept
                      if getattr(new, key) != getattr(self.config, key)}
             if fixed:
                 log.warning("config changes that apply after a restart were kept as they are",

@@ -8,6 +8,7 @@ handler. The lists themselves live in `outbound/stack.py` and
 from __future__ import annotations
 
 import functools
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -190,7 +191,11 @@ class Call:
     deadline: float | None = None  # monotonic time the call must end by (deadline)
     attempts: int = 0  # attempts made (retry; inbound: 1)
     retries: int = 0  # attempts after the first (retry)
-    scheme: str = "http"  # the endpoint's scheme (balance)
+    scheme: str = "http"  # the endpoint's scheme (balance, dial_tls; inbound: the edge)
+    tls: bool = False  # over TLS (inbound: the edge; outbound: dial_tls, per attempt)
+    peer_id: str | None = None  # the peer's SPIFFE ID (inbound: the edge; outbound: dial_tls)
+    ssl_context: ssl.SSLContext | None = None  # outbound: what this attempt dials with (dial_tls)
+    server_name: str | None = None  # outbound: the name the far certificate must carry (dial_tls)
     server_port: int | None = None  # the listener's port inbound, the endpoint's outbound
     started: float = 0.0  # monotonic time the call arrived (edge)
     trace: CallTrace | None = None  # (tracing)

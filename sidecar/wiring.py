@@ -7,6 +7,7 @@ whole. `check_keys` reports key and policy problems for `check` and `run`.
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,7 +19,9 @@ from sidecar.config.settings import Config, Service
 from sidecar.identity import keys
 from sidecar.identity.tokens import Minter, Verifier
 from sidecar.inbound import stack as inbound_stack
+from sidecar.inbound.overload import InFlight
 from sidecar.inbound.policy import Policy
+from sidecar.inbound.ratelimit import RateLimits
 from sidecar.outbound import stack as outbound_stack
 from sidecar.paths import RouteTable
 from sidecar.resilience.breaker import Breakers
@@ -28,6 +31,9 @@ from sidecar.resilience.pools import Pools
 from sidecar.stack import Handler, Target
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import Tracing
+from sidecar.tls import check as tls_check
+from sidecar.tls.contexts import outside_context
+from sidecar.tls.material import MeshTLS
 from sidecar.workflows import api as workflow_api
 from sidecar.workflows.engine import Engine
 
@@ -47,6 +53,9 @@ class Shared:
     pools: Pools
     metrics: Metrics
     tracing: Tracing
+    rate_limits: RateLimits
+    in_flight: InFlight  # calls at the app now, for inbound.max_in_flight
+    tls: MeshTLS | None = None  # the current certificates, when TLS is on
     workflows: Engine | None = None  # with a `workflows` section
 
 
@@ -84,8 +93,12 @@ def load_identity(config: Config, clock: Clock) -> tuple[Minter, Verifier]:
     return minter, verifier
 
 
-def check_keys(config: Config) -> list[str]:
-    """Key and policy problems as `key.path: message` lines (for `check` and `run`)."""
+def check_keys(config: Config, *, dates: bool = True) -> list[str]:
+    """Key, certificate and policy problems as `key.path: message` lines (for `check` and `run`).
+
+    `dates=False` (for `run`) leaves out certificate validity: a sidecar with an
+    expired certificate starts, not ready, so that new files bring it back.
+    """
     ident = config.identity
     problems = []
     loads: list[tuple[str, str | None, Callable[[str], object]]] = (
@@ -104,6 +117,15 @@ def check_keys(config: Config) -> list[str]:
             load(path)
         except (ValueError, OSError) as exc:
             problems.append(f"identity.{key}: {exc}")
+    problems += tls_check.problems(config.tls, service=config.service,
+                                   trust_domain=config.trust_domain,
+                                   now=datetime.datetime.now(datetime.UTC) if dates else None)
+    for name, service in config.services.items():
+        if service.ca_file is not None:
+            try:
+                outside_context(service.ca_file)
+            except (ValueError, OSError) as exc:
+                problems.append(f"services.{name}.ca_file: {type(exc).__name__}: not a CA file")
     try:
         Policy(rules=config.inbound.policy, public_paths=config.inbound.public_paths)
     except ValueError as exc:
@@ -144,19 +166,26 @@ def wire(config: Config, shared: Shared) -> Wiring:
         api = workflow_api.handler(engine=shared.workflows, services=frozenset(targets),
                                    max_body=config.limits.max_request_body,
                                    max_steps=config.workflows.max_steps)
+    # https:// services outside the mesh with CAs of their own.
+    outside = {name: outside_context(service.ca_file)
+               for name, service in config.services.items() if service.ca_file is not None}
     return Wiring(
         config=config,
         outbound=outbound_stack.build(
             clock=shared.clock, session=shared.session, audit_log=shared.audit,
             stats=shared.metrics, tracer=shared.tracing, bulkheads=shared.bulkheads,
             budgets=shared.budgets, breakers=shared.breakers, pools=shared.pools,
-            limits=config.limits,
+            mesh_tls=shared.tls, limits=config.limits,
             targets=targets, local_hosts=frozenset(h.lower() for h in hosts), minter=minter,
             api=api,
+            outside_tls=outside,
         ),
         inbound=inbound_stack.build(
             clock=shared.clock, session=shared.session, audit_log=shared.audit,
-            stats=shared.metrics, tracer=shared.tracing, limits=config.limits,
+            stats=shared.metrics, tracer=shared.tracing, rate_limits=shared.rate_limits,
+            in_flight=shared.in_flight, limits=config.limits,
             service=config.service, verifier=verifier, policy=policy, app=app_target(config),
+            tls_mode=config.tls.mode, trust_domain=config.trust_domain,
+            max_in_flight=config.inbound.max_in_flight,
         ),
     )

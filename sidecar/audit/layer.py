@@ -32,8 +32,8 @@ def trace_id(call: Call) -> str:
 def write_record(log: AuditLog, call: Call, reply: Reply, *, clock: Clock = SYSTEM_CLOCK) -> None:
     """The audit record of `call` answered by `reply`.
 
-    Records only templated routes, service names, codes and numbers: never a
-    raw path, query, header value or body.
+    Records only templated routes, service names, SPIFFE IDs, codes and
+    numbers: never a raw path, query, header value, certificate or body.
     """
     denied = reply.made_here and reasons.is_denial(reply.reason)
     log.record(
@@ -51,6 +51,8 @@ def write_record(log: AuditLog, call: Call, reply: Reply, *, clock: Clock = SYST
         trace_id=trace_id(call),
         workflow=call.workflow,
         step=call.step,
+        tls=call.tls,
+        peer_id=call.peer_id,
     )
 
 

@@ -114,6 +114,8 @@ class AuditLog:
         trace_id: str,
         workflow: str | None = None,
         step: str | None = None,
+        tls: bool = False,
+        peer_id: str | None = None,
     ) -> dict[str, Any]:
         """Build, hash and queue one record; return it. `route` must already be templated.
 
@@ -127,6 +129,8 @@ class AuditLog:
             "direction": direction,
             "source": source,
             "target": target,
+            "tls": tls,
+            "peer_id": peer_id,
             "method": method,
             "route": route,
             "status": status,

@@ -21,7 +21,7 @@ import yaml
 
 from sidecar import names, paths
 from sidecar.config import settings as s
-from sidecar.config.units import parse_duration, parse_size
+from sidecar.config.units import parse_duration, parse_rate, parse_size
 
 T = TypeVar("T")
 
@@ -32,7 +32,7 @@ _WHOLE_VAR = re.compile(r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$")
 # a RecursionError. Each is a config that is not valid YAML.
 _YAML_FAILURES = (yaml.YAMLError, ValueError, TypeError, AttributeError, RecursionError)
 RETRY_CONDITIONS = frozenset({"connect-failure", "reset", "per-try-timeout"})
-SERVICE_KEYS = frozenset({"endpoints", "routes", "mesh"})
+SERVICE_KEYS = frozenset({"endpoints", "routes", "mesh", "ca_file"})
 
 
 class ConfigError(Exception):
@@ -175,7 +175,7 @@ class _Builder:
     def config(self, raw: dict[str, Any]) -> s.Config | None:
         raw = self.mapping(raw, "", {
             "service", "trust_domain", "listen", "drain_timeout", "identity", "inbound",
-            "limits", "defaults", "services", "tracing", "audit", "workflows",
+            "limits", "defaults", "services", "tracing", "audit", "workflows", "tls",
         })
         if "service" not in raw:
             self.errors.add("service", "is required")
@@ -187,6 +187,10 @@ class _Builder:
         audit = self.audit(raw.get("audit"))
         workflows = self.workflows(raw["workflows"]) if "workflows" in raw else base.workflows
         self.check_ship(audit, services, workflows)
+        tls = self.tls(raw.get("tls"))
+        if tls.enabled and trust_domain is None:
+            self.errors.add("trust_domain", f"is required with tls.mode {tls.mode}: SPIFFE IDs "
+                            "are spiffe://<trust_domain>/<service>")
         return s.Config(
             service=service,
             trust_domain=trust_domain,
@@ -200,6 +204,7 @@ class _Builder:
             tracing=self.tracing(raw.get("tracing")),
             audit=audit,
             workflows=workflows,
+            tls=tls,
         )
 
     def listen(self, raw: Any) -> s.Listen:
@@ -253,11 +258,15 @@ class _Builder:
 
     def inbound(self, raw: Any) -> s.Inbound:
         path = "inbound"
-        raw = self.mapping(raw, path, {"app", "app_health_path", "public_paths", "policy"})
+        raw = self.mapping(raw, path, {"app", "app_health_path", "public_paths", "policy",
+                                       "max_in_flight", "rate_limits"})
         base = s.Inbound()
         policy = base.policy
         if "policy" in raw and raw["policy"] is not None:
             policy = self.policy(raw["policy"], _join(path, "policy"))
+        rate_limits = base.rate_limits
+        if raw.get("rate_limits") is not None:
+            rate_limits = self.rate_limits(raw["rate_limits"], _join(path, "rate_limits"))
         return s.Inbound(
             app=self.read(raw, "app", path, _app_url, base.app),
             app_health_path=self.read(raw, "app_health_path", path, _path_pattern,
@@ -265,6 +274,8 @@ class _Builder:
             public_paths=self.read(raw, "public_paths", path, _list_of(_path_pattern),
                                    base.public_paths),
             policy=policy,
+            max_in_flight=self.read(raw, "max_in_flight", path, _int(1), base.max_in_flight),
+            rate_limits=rate_limits,
         )
 
     def policy(self, raw: Any, path: str) -> tuple[s.PolicyRule, ...]:
@@ -285,6 +296,57 @@ class _Builder:
                 paths=self.read(item, "paths", where, _list_of(_path_pattern), base.paths),
             ))
         return tuple(rules)
+
+    def rate_limits(self, raw: Any, path: str) -> tuple[s.RateLimit, ...]:
+        if not isinstance(raw, list):
+            self.errors.add(path, "must be a list of rules")
+            return ()
+        rules = []
+        base = s.RateLimit()
+        for i, item in enumerate(raw):
+            where = f"{path}[{i}]"
+            item = self.mapping(item, where, {"total", "per_caller", "from", "methods", "paths"})
+            kinds = [kind for kind in ("total", "per_caller") if kind in item]
+            if len(kinds) != 1:
+                self.errors.add(where, "needs exactly one of total or per_caller")
+            rules.append(s.RateLimit(
+                total=self.bucket(item.get("total"), _join(where, "total")),
+                per_caller=self.bucket(item.get("per_caller"), _join(where, "per_caller")),
+                sources=self.read(item, "from", where, _list_of(_service_name), base.sources),
+                methods=self.read(item, "methods", where, _list_of(_method), base.methods),
+                paths=self.read(item, "paths", where, _list_of(_path_pattern), base.paths),
+            ))
+        return tuple(rules)
+
+    def bucket(self, raw: Any, path: str) -> s.Bucket | None:
+        if raw is None:
+            return None
+        raw = self.mapping(raw, path, {"rate", "burst"})
+        for key in ("rate", "burst"):
+            if key not in raw:
+                self.errors.add(_join(path, key), "is required")
+        rate = self.read(raw, "rate", path, parse_rate, 0.0)
+        burst = self.read(raw, "burst", path, _int(1), 0)
+        return s.Bucket(rate=rate, burst=burst) if rate > 0 and burst >= 1 else None
+
+    def tls(self, raw: Any) -> s.TLS:
+        path = "tls"
+        raw = self.mapping(raw, path, {"mode", "ca_file", "cert_file", "key_file",
+                                       "expiry_warning"})
+        base = s.TLS()
+        tls = s.TLS(
+            mode=self.read(raw, "mode", path, _choice(names.TLS_MODES), base.mode),
+            ca_file=self.read(raw, "ca_file", path, self.file, base.ca_file),
+            cert_file=self.read(raw, "cert_file", path, self.file, base.cert_file),
+            key_file=self.read(raw, "key_file", path, self.file, base.key_file),
+            expiry_warning=self.read(raw, "expiry_warning", path, _duration(),
+                                     base.expiry_warning),
+        )
+        if tls.enabled:
+            for key in ("ca_file", "cert_file", "key_file"):
+                if key not in raw:
+                    self.errors.add(_join(path, key), f"is required with mode {tls.mode}")
+        return tls
 
     def limits(self, raw: Any) -> s.Limits:
         path = "limits"
@@ -440,8 +502,19 @@ class _Builder:
                 policy=policy,
                 routes=self.read(body, "routes", path, _list_of(_route_template), base.routes),
                 mesh=self.read(body, "mesh", path, _bool, base.mesh),
+                ca_file=self.read(body, "ca_file", path, self.file, base.ca_file),
             )
+            if out[key].ca_file is not None:
+                self.check_ca_file(out[key], _join(path, "ca_file"))
         return out
+
+    def check_ca_file(self, service: s.Service, path: str) -> None:
+        """A service's own `ca_file` is for https:// endpoints outside the mesh only."""
+        if service.mesh:
+            self.errors.add(path, "is only for services outside the mesh (mesh: false); "
+                            "mesh services are checked against tls.ca_file")
+        elif not any(url.startswith("https://") for url in service.endpoints):
+            self.errors.add(path, "is used only with https:// endpoints")
 
     def tracing(self, raw: Any) -> s.Tracing:
         path = "tracing"
@@ -538,9 +611,9 @@ def _service_name(value: Any) -> str:
 
 
 def _trust_domain(value: Any) -> str:
-    if not isinstance(value, str) or not re.match(r"^[a-z0-9.-]{1,253}$", value.lower()):
-        raise ValueError("must be a DNS-style trust domain such as example.local")
-    return value.lower()
+    if not names.is_trust_domain(value):
+        raise ValueError(f"must be {names.TRUST_DOMAIN_RULE}")
+    return str(value).lower()
 
 
 def _source(value: Any) -> str:
@@ -760,6 +833,8 @@ def redacted(config: s.Config) -> dict[str, Any]:
             doc["identity"][key] = "[redacted]"
     if doc["workflows"] is not None:
         doc["workflows"]["store"] = _without_password(doc["workflows"]["store"])
+    if doc["tls"].get("key_file"):
+        doc["tls"]["key_file"] = "[redacted]"
     return doc
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sidecar.names import TLS_DISABLED
+
 
 @dataclass(frozen=True, slots=True)
 class Listen:
@@ -36,11 +38,40 @@ class PolicyRule:
 
 
 @dataclass(frozen=True, slots=True)
+class Bucket:
+    """A token bucket: `rate` tokens a second, at most `burst` saved up (it starts full)."""
+
+    rate: float
+    burst: int
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0 or self.burst < 1:
+            raise ValueError("a bucket needs a positive rate and a burst of at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """One `inbound.rate_limits` rule: one bucket for all its calls, or one per caller.
+
+    It applies to the calls it matches (`from`, `methods`, `paths`; None
+    matches all); every rule that matches a call must admit it.
+    """
+
+    total: Bucket | None = None
+    per_caller: Bucket | None = None
+    sources: tuple[str, ...] | None = None  # `from`; "anonymous" names calls without a token
+    methods: tuple[str, ...] | None = None
+    paths: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Inbound:
     app: str = "http://127.0.0.1:8000"
     app_health_path: str | None = None
     public_paths: tuple[str, ...] = ()
     policy: tuple[PolicyRule, ...] | None = None  # None: any verified mesh service
+    max_in_flight: int = 1000  # calls at the app at once; more: 503 overloaded
+    rate_limits: tuple[RateLimit, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +163,7 @@ class Service:
     policy: ServicePolicy = field(default_factory=ServicePolicy)
     routes: tuple[str, ...] = ()
     mesh: bool = True
+    ca_file: str | None = None  # outside the mesh: the CAs an https:// endpoint must chain to
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,6 +207,21 @@ class Workflows:
 
 
 @dataclass(frozen=True, slots=True)
+class TLS:
+    """`tls`: mutual TLS between sidecars, with this service's certificate."""
+
+    mode: str = TLS_DISABLED  # one of names.TLS_MODES
+    ca_file: str | None = None  # the mesh CA bundle; may hold old and new CA in a rotation
+    cert_file: str | None = None
+    key_file: str | None = None
+    expiry_warning: float = 30 * 86400.0  # warn this long before the certificate expires
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != TLS_DISABLED
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     service: str
     identity: Identity
@@ -188,4 +235,5 @@ class Config:
     tracing: Tracing = field(default_factory=Tracing)
     audit: Audit = field(default_factory=Audit)
     workflows: Workflows | None = None
+    tls: TLS = field(default_factory=TLS)
     source_file: str | None = None

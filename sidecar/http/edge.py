@@ -29,6 +29,7 @@ from sidecar.stack import (
     MalformedBody,
     Reply,
 )
+from sidecar.tls.contexts import peer_of
 
 log = logging.getLogger("sidecar.http.edge")
 
@@ -103,6 +104,9 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
         sockname = request.transport.get_extra_info("sockname")
         if sockname:
             call.server_port = sockname[1]
+        call.tls, call.peer_id = peer_of(request.transport)
+        if call.tls:
+            call.scheme = "https"
     if websocket.is_upgrade(request):
         offered = request.headers.get("Sec-WebSocket-Protocol", "")
         call.websocket_protocols = tuple(p.strip() for p in offered.split(",") if p.strip())

@@ -119,6 +119,10 @@ _FAILURE_DETAIL = {
     "upstream_timeout": "{name} did not answer within the call's time. Raise the service's "
                         "`timeout` or find why it is slow.",
     "upstream_reset": "{name} closed the connection before its response began.",
+    "upstream_identity_mismatch": "The endpoint dialled for {name} showed a certificate that "
+                                  "is not {name}'s (another service, another CA, or out of "
+                                  "date): nothing was sent. Check the endpoint's address and "
+                                  "its certificate.",
 }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,7 +32,9 @@ from aiohttp.streams import StreamReader
 
 from sidecar.config.settings import Limits
 from sidecar.http import problem
+from sidecar.http.accept import Acceptor
 from sidecar.stack import Reply
+from sidecar.tls.contexts import MeshClientContext, PeerMismatch
 
 log = logging.getLogger("sidecar.http.listener")
 
@@ -296,17 +299,24 @@ class GuardedServer(web.Server):
 
 
 class Listener:
-    """A started listener: its bound address, and the steps of a drain."""
+    """A started listener: its bound address, and the steps of a drain.
 
-    def __init__(self, runner: web.BaseRunner, site: web.TCPSite,
-                 server: GuardedServer | None = None) -> None:
+    Its connections come from an aiohttp site, or (TLS on) from an `Acceptor`.
+    """
+
+    def __init__(self, runner: web.BaseRunner, site: web.TCPSite | None,
+                 server: GuardedServer | None = None, acceptor: Acceptor | None = None) -> None:
         self._runner = runner
         self._site = site
         self._server = server
+        self._acceptor = acceptor
 
     @property
     def address(self) -> tuple[str, int] | None:
         """The bound (host, port): the real port when 0 was asked."""
+        if self._acceptor is not None:
+            return self._acceptor.address
+        assert self._site is not None
         server = self._site._server  # aiohttp keeps the asyncio server private
         sockets = getattr(server, "sockets", None) or []
         if not sockets:
@@ -320,6 +330,10 @@ class Listener:
         return self._server is not None and bool(self._server.connections)
 
     def stop_accepting(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.stop_accepting()
+            return
+        assert self._site is not None
         server = self._site._server
         if server is not None:
             server.close()
@@ -329,19 +343,34 @@ class Listener:
             self._server.finish_and_close()
 
     async def close(self) -> None:
+        if self._acceptor is not None:
+            await self._acceptor.close()
         await self._runner.cleanup()
 
 
 async def start(handler: RawHandler, host: str, port: int, *, limits: Limits,
                 on_refused: OnRefused | None = None,
-                answer_headers: dict[str, str] | None = None) -> Listener:
-    """Listen on host:port; `answer_headers` go on every answer made while parsing."""
+                answer_headers: dict[str, str] | None = None,
+                tls: Callable[[], ssl.SSLContext] | None = None,
+                on_handshake_failed: Callable[[], None] | None = None) -> Listener:
+    """Listen on host:port; `answer_headers` go on every answer made while parsing.
+
+    With `tls` (the current server context, asked per connection) the port
+    takes TLS and plain text alike (`accept.Acceptor`); a failed handshake is
+    told to `on_handshake_failed`.
+    """
     server = GuardedServer(handler, limits=limits, on_refused=on_refused,
                            answer_headers=answer_headers)
     # The drain has already waited up to drain_timeout when the runner is
     # cleaned up: what is still running then is cut at once.
     runner = web.ServerRunner(server, handle_signals=False, shutdown_timeout=0.5)
     await runner.setup()
+    if tls is not None:
+        acceptor = Acceptor(server, host, port, context=tls,
+                            handshake_timeout=limits.header_timeout,
+                            on_failed=on_handshake_failed or (lambda: None))
+        await acceptor.start()
+        return Listener(runner, None, server, acceptor)
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
     await site.start()
     return Listener(runner, site, server)
@@ -354,6 +383,31 @@ async def start_app(app: web.Application, host: str, port: int) -> Listener:
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
     return Listener(runner, site)
+
+
+class PeerCheckingConnector(aiohttp.TCPConnector):
+    """aiohttp's connector, plus a look at the far side's certificate right after the
+    handshake, before any byte of the request is written.
+
+    A context that can `check_peer` (`tls.contexts.MeshClientContext`) is asked
+    whether the certificate carries the SPIFFE ID of the service whose name
+    was checked; if not, the connection is closed and `PeerMismatch` raised.
+    aiohttp checks a pinned fingerprint at the same point, but offers no hook
+    of ours there: `_wrap_create_connection` is where every new connection
+    (direct, and through the pool) is made.
+    """
+
+    async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
+        transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
+        context = kwargs.get("ssl")
+        if isinstance(context, MeshClientContext):
+            try:
+                context.check_peer(kwargs.get("server_hostname"),
+                                   transport.get_extra_info("peercert"))
+            except PeerMismatch:
+                transport.close()
+                raise
+        return transport, protocol
 
 
 def no_hidden_resend(session: aiohttp.ClientSession) -> None:

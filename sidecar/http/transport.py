@@ -19,6 +19,7 @@ from sidecar import reasons
 from sidecar.http import listener, websocket
 from sidecar.http.headers import REASON
 from sidecar.stack import Call, Handler, Reply, RequestBodyError, UpstreamError
+from sidecar.tls.contexts import PeerMismatch
 
 E = TypeVar("E", bound=BaseException)
 
@@ -33,7 +34,9 @@ def new_session(*, connect_timeout: float = 1.0, idle: float = 30.0) -> aiohttp.
     sidecar itself must never go through a proxy. DNS answers are cached only
     briefly so a changed address is picked up.
     """
-    connector = aiohttp.TCPConnector(
+    # Pooled per endpoint and SSL context: a TLS connection serves many calls, and
+    # a rotated context makes new connections while the old ones idle out.
+    connector = listener.PeerCheckingConnector(
         limit=0, limit_per_host=0, keepalive_timeout=idle, ttl_dns_cache=5,
         enable_cleanup_closed=True,
     )
@@ -70,7 +73,12 @@ async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
             allow_redirects=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
                                           connect=connect_timeout),
+            ssl=call.ssl_context or True,
+            server_hostname=call.server_name,
         )
+    except (aiohttp.ClientConnectorCertificateError, PeerMismatch) as exc:
+        # The far side is not who the call was routed to: nothing was sent.
+        raise UpstreamError("identity-mismatch", sent=False) from exc
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamError("connect-failure", sent=False) from exc
     except aiohttp.ClientResponseError as exc:
@@ -136,6 +144,8 @@ def send_to(session: aiohttp.ClientSession) -> Handler:
             try:
                 return await websocket.connect(session, call, call.endpoint,
                                                connect_timeout=connect_timeout)
+            except (aiohttp.ClientConnectorCertificateError, PeerMismatch) as exc:
+                raise UpstreamError("identity-mismatch", sent=False) from exc
             except aiohttp.ClientConnectorError as exc:
                 raise UpstreamError("connect-failure", sent=False) from exc
             except aiohttp.ClientError as exc:

@@ -43,6 +43,7 @@ async def connect(session: aiohttp.ClientSession, call: Call, base_url: str, *,
         upstream = await session.ws_connect(
             url, headers=headers, protocols=protocols, autoclose=False, autoping=True,
             timeout=aiohttp.ClientWSTimeout(ws_close=5.0), max_msg_size=0,
+            ssl=call.ssl_context or True, server_hostname=call.server_name,
         )
     except aiohttp.WSServerHandshakeError as exc:
         # The far side refused the upgrade: its answer goes back as it came,

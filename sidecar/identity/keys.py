@@ -10,7 +10,6 @@ Errors name the file and what is wrong with it, never the key material.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from jwt.exceptions import InvalidKeyError
 
 from sidecar import names
 from sidecar.config.settings import Identity
+from sidecar.files import write_private
 from sidecar.names import ALGORITHMS, KEY_PAIR_ALGORITHMS, SECRET_ALGORITHM
 
 MIN_RSA_BITS = 2048
@@ -125,7 +125,7 @@ def generate(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_private(pem_path, pem, overwrite=overwrite)
+    write_private(pem_path, pem, overwrite=overwrite)
     jwk = public_jwk(private_key.public_key(), kid=service, algorithm=algorithm)
     jwks_path.write_text(json.dumps({"keys": [jwk]}, indent=2) + "\n", encoding="utf-8")
     return pem_path, jwks_path
@@ -141,18 +141,6 @@ def _new_private_key(algorithm: str) -> Any:
     raise ValueError(
         f"unknown key algorithm {algorithm!r}; expected one of {', '.join(KEY_PAIR_ALGORITHMS)}"
     )
-
-
-def _write_private(path: Path, data: bytes, *, overwrite: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
-    try:
-        fd = os.open(path, flags, 0o600)
-    except FileExistsError:
-        raise FileExistsError(f"{path}: a private key is already there; not replacing it") from None
-    with os.fdopen(fd, "wb") as f:
-        # The mode given to open() only applies to a new file.
-        os.fchmod(f.fileno(), 0o600)
-        f.write(data)
 
 
 def public_jwk(public_key: Any, *, kid: str, algorithm: str) -> dict[str, Any]:

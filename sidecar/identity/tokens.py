@@ -25,7 +25,7 @@ from sidecar.identity.keys import (
     check_service_name,
     private_key_problem,
 )
-from sidecar.names import SECRET_ALGORITHM
+from sidecar.names import SECRET_ALGORITHM, spiffe_id
 
 REFRESH_AT = 0.8
 """A minted token is reused until this fraction of its lifetime has passed."""
@@ -91,7 +91,7 @@ class Minter:
         self._algorithm = algorithm
         self._key = key
         self._ttl = math.floor(ttl)
-        self._subject = f"spiffe://{trust_domain}/{service}" if trust_domain else service
+        self._subject = spiffe_id(trust_domain, service) if trust_domain else service
         self._clock = clock
         self._cache: dict[str, tuple[str, float]] = {}
 

@@ -14,9 +14,12 @@ from sidecar.config.settings import Limits
 from sidecar.http import guards, transport
 from sidecar.identity.layers import verify_token
 from sidecar.identity.tokens import Verifier
+from sidecar.inbound import mtls
 from sidecar.inbound.app import to_app
 from sidecar.inbound.normalise import normalise_path
+from sidecar.inbound.overload import InFlight, cap_in_flight
 from sidecar.inbound.policy import Policy, authorize
+from sidecar.inbound.ratelimit import RateLimits, limit_rate
 from sidecar.resilience.deadline import hold_deadline
 from sidecar.stack import Handler, Target, compose
 from sidecar.telemetry import metrics, tracing
@@ -28,9 +31,10 @@ def build(
     *,
     # What the process keeps across reloads:
     clock: Clock, session: aiohttp.ClientSession, audit_log: AuditLog, stats: Metrics,
-    tracer: Tracing,
+    tracer: Tracing, rate_limits: RateLimits, in_flight: InFlight,
     # What one config decides:
     limits: Limits, service: str, verifier: Verifier, policy: Policy, app: Target,
+    tls_mode: str, trust_domain: str | None, max_in_flight: int,
 ) -> Handler:
     return compose(
         # Counts every answer, refusals included: outermost.
@@ -41,6 +45,8 @@ def build(
         guards.answer_internal_errors(),
         # The SERVER span continues the caller's trace; its context goes to the app.
         tracing.server_span(tracing=tracer),
+        # In `strict`, plain text is 400 tls_required before anything of it is read.
+        mtls.require_tls(mode=tls_mode, service=service),
         # No CONNECT tunnels, no asterisk form: 400 bad_request.
         guards.check_target(),
         # A header line over limits.max_header_line is refused: 431.
@@ -53,10 +59,17 @@ def build(
         # Who is calling: a verified token, or 401. Sets x-source-service.
         verify_token(service=service, verifier=verifier,
                      is_public=policy.is_public),
+        # The client certificate names the token's issuer, or 401: needs both, so here.
+        mtls.match_peer(mode=tls_mode, trust_domain=trust_domain),
         # In-flight gauge per verified caller: after the token check names it.
         metrics.track_in_flight(metrics=stats, direction="inbound"),
         # May they: default deny when a policy is present, or 403.
         authorize(policy=policy),
+        # Buckets per rule and caller, or 429: after authorize, so a refused caller
+        # spends no token, and before the app's concurrency cap.
+        limit_rate(limits=rate_limits),
+        # No more than max_in_flight at the app, or 503 overloaded at once.
+        cap_in_flight(in_flight=in_flight, max_in_flight=max_in_flight),
         # App failures become problem+json (503 connect failure, 504, 502).
         guards.answer_failures(who="the app"),
         # The one place inbound traffic goes; its settings are `defaults`.

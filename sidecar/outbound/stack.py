@@ -8,6 +8,7 @@ routed target, `call.upstream`.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping
 
 import aiohttp
@@ -20,6 +21,7 @@ from sidecar.http import guards, transport
 from sidecar.identity.layers import attach_token
 from sidecar.identity.tokens import Minter
 from sidecar.outbound import routing
+from sidecar.outbound.dial import dial_tls
 from sidecar.resilience import breaker, bulkhead, deadline, retry
 from sidecar.resilience.breaker import Breakers
 from sidecar.resilience.budget import RetryBudgets
@@ -29,6 +31,7 @@ from sidecar.stack import Handler, Target, compose
 from sidecar.telemetry import metrics, tracing
 from sidecar.telemetry.metrics import Metrics
 from sidecar.telemetry.tracing import Tracing
+from sidecar.tls.material import MeshTLS
 
 
 def build(
@@ -36,11 +39,12 @@ def build(
     # What the process keeps across reloads:
     clock: Clock, session: aiohttp.ClientSession, audit_log: AuditLog, stats: Metrics,
     tracer: Tracing, bulkheads: Bulkheads, budgets: RetryBudgets, breakers: Breakers,
-    pools: Pools,
+    pools: Pools, mesh_tls: MeshTLS | None,
     # What one config decides:
     limits: Limits, targets: Mapping[str, Target], local_hosts: frozenset[str], minter: Minter,
     # The sidecar's own API (`/_sidecar/v1/`), when workflows are configured:
     api: Handler | None = None,
+    outside_tls: Mapping[str, ssl.SSLContext],
 ) -> Handler:
     return compose(
         # Counts every answer, refusals included: outermost.
@@ -81,6 +85,8 @@ def build(
         attach_token(minter=minter),
         # Which endpoint this attempt goes to; its outcome feeds outlier ejection.
         balance(pools=pools),
+        # Mesh TLS for that endpoint: its certificate must name the target, or 502.
+        dial_tls(mesh=mesh_tls, outside=outside_tls),
         # Bounds one attempt and tells the far sidecar how long it has.
         deadline.per_attempt(clock=clock),
         terminal=transport.send_to(session),

@@ -28,6 +28,8 @@ import aiohttp
 from sidecar.clock import Clock
 from sidecar.config.settings import HealthCheck, OutlierPolicy
 from sidecar.resilience.classify import Outcome
+from sidecar.tls.contexts import mesh_url
+from sidecar.tls.material import MeshTLS
 
 log = logging.getLogger("sidecar")
 
@@ -95,6 +97,7 @@ class Endpoints:
         rng: random.Random | None = None,
         service: str = "",
         on_eject: OnEject | None = None,
+        tls: MeshTLS | None = None,
     ) -> None:
         if not urls:
             raise ValueError("a service needs at least one endpoint")
@@ -107,6 +110,7 @@ class Endpoints:
         self.endpoints = tuple(Endpoint(url, self) for url in urls)
         self._rng = rng or random.Random()
         self._on_eject = on_eject
+        self._tls = tls  # a mesh service with TLS on: probes go as calls do
 
     def available(self) -> list[Endpoint]:
         return [e for e in self.endpoints if e.healthy and not e.ejected]
@@ -175,10 +179,14 @@ class Endpoints:
     async def _probe(
         self, session: aiohttp.ClientSession, endpoint: Endpoint, check: HealthCheck
     ) -> None:
-        url = endpoint.url.rstrip("/") + check.path
+        url, context, name = endpoint.url, None, None
+        if self._tls is not None:
+            url, context, name = mesh_url(url), self._tls.client, self.service
+        url = url.rstrip("/") + check.path
         try:
             async with session.get(
-                url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=check.timeout)
+                url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=check.timeout),
+                ssl=context or True, server_hostname=name,
             ) as response:
                 healthy = 200 <= response.status < 300
         except (aiohttp.ClientError, OSError, TimeoutError):

@@ -20,6 +20,7 @@ from sidecar.resilience.classify import classify
 from sidecar.resilience.endpoints import Endpoints
 from sidecar.stack import Call, Handler, Layer, Reply
 from sidecar.tasks import TaskGroup
+from sidecar.tls.material import MeshTLS
 
 OnEject = Callable[[str, str, float], None]
 
@@ -31,8 +32,9 @@ class Pools:
     """
 
     def __init__(self, *, clock: Clock, tasks: TaskGroup, session: aiohttp.ClientSession,
-                 on_eject: OnEject | None = None) -> None:
+                 on_eject: OnEject | None = None, tls: MeshTLS | None = None) -> None:
         self._clock = clock
+        self._tls = tls
         self._tasks = tasks
         self._session = session
         self._on_eject = on_eject
@@ -54,7 +56,8 @@ class Pools:
             if name not in self._pools:
                 pool = Endpoints(service.endpoints, service.policy.outlier_detection,
                                  service.policy.health_check, clock=self._clock,
-                                 service=name, on_eject=self._on_eject)
+                                 service=name, on_eject=self._on_eject,
+                                 tls=self._tls if service.mesh else None)
                 task = None
                 if service.policy.health_check is not None:
                     task = self._tasks.start(f"health-check:{name}",

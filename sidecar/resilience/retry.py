@@ -5,8 +5,10 @@ result `classify` calls RETRYABLE is retried; idempotent methods always,
 others only with an `Idempotency-Key` or when no byte was sent; each delay is
 full jitter in `[0, min(max, base * 2^n))` for the n-th retry (n from 0);
 an upstream `Retry-After` replaces the delay when it fits in the time left
-and forbids the retry when it does not; a body over `max_body` streams once
-and is never retried; past the service's budget the last answer goes back.
+and forbids the retry when it does not; a 429 that carries one is retried
+as a 503 would be (SPEC "Rate limits"), though it is no failure; a body over
+`max_body` streams once and is never retried; past the service's budget the
+last answer goes back.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
 
 MAX_DELAY_DIGITS = 15
 """A delay-seconds of more digits (over 31 million years) is read as infinite."""
+TOO_MANY_REQUESTS = 429
 
 
 def backoff_delay(backoff: Backoff, retry: int, rng: random.Random) -> float:
@@ -80,15 +83,25 @@ def plan_delay(
     """
     if call.attempts >= policy.attempts or not replayable:
         return None
-    if classify(result, policy.retry_on) is not Outcome.RETRYABLE:
+    asked = retry_after(result, wall_now) if isinstance(result, Reply) else None
+    throttled = _throttled(result, asked, policy)
+    if not throttled and classify(result, policy.retry_on) is not Outcome.RETRYABLE:
         return None
     if not may_resend(call, result, policy):
         return None
-    asked = retry_after(result, wall_now) if isinstance(result, Reply) else None
     delay = asked if asked is not None else backoff_delay(policy.backoff, retries, rng)
     if not math.isfinite(delay) or (time_left is not None and delay >= time_left):
         return None  # a wait that uses up the deadline leaves no attempt
     return delay
+
+
+def _throttled(result: Reply | BaseException, asked: float | None,
+               policy: RetryPolicy) -> bool:
+    """A 429 saying when to come back is retried then, as a 503 would be (when 503 is in
+    `retry_on`). Without a `Retry-After` it is not: at once would only be refused again.
+    It is never a failure: breaker and outlier detection do not count it."""
+    return (isinstance(result, Reply) and result.status == TOO_MANY_REQUESTS
+            and asked is not None and "503" in policy.retry_on)
 
 
 def retry(

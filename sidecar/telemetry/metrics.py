@@ -1,6 +1,6 @@
 """Prometheus metrics for the admin port's `/metrics` (SPEC "Admin port").
 
-Exactly six families, on a registry of this process's own (never the
+Exactly seven families, on a registry of this process's own (never the
 global one), next to the process, platform and GC collectors:
 
     sidecar_requests_total{direction,peer,method,code,reason}
@@ -9,6 +9,7 @@ global one), next to the process, platform and GC collectors:
     sidecar_circuit_state{peer,state}                        1 for the current state
     sidecar_in_flight{direction,peer}
     sidecar_outlier_ejections_total{peer}
+    sidecar_certificate_expiry_seconds{kind}                 with TLS on: seconds left
 
 With `workflows` configured, `count_workflows` adds three more:
 
@@ -62,23 +63,30 @@ DELIVERY_OUTCOMES = ("delivered", "retried", "dead")
 
 # Each configured service with its breaker's state now: (peer, "closed" | "open" | "half-open").
 CircuitStates = Callable[[], Iterable[tuple[str, str]]]
+# Seconds left before each of this sidecar's certificates expires: (kind, seconds).
+Expiries = Callable[[], Iterable[tuple[str, float]]]
 
 
 def _no_circuits() -> Iterable[tuple[str, str]]:
     return ()
 
 
+def _no_certificates() -> Iterable[tuple[str, float]]:
+    return ()
+
+
 class Metrics:
-    """The six families on a registry of their own; `peers` are the configured services.
+    """The seven families on a registry of their own; `peers` are the configured services.
 
     `circuit_states` is asked at every scrape, so `sidecar_circuit_state` shows
     each breaker as it is then, a recovery timeout that has just passed included.
     """
 
     def __init__(
-        self, *, peers: Iterable[str] = (), circuit_states: CircuitStates = _no_circuits
+        self, *, peers: Iterable[str] = (), circuit_states: CircuitStates = _no_circuits,
+        certificates: Expiries = _no_certificates,
     ) -> None:
-        # SPEC names exactly six families; the `*_created` series would add four.
+        # SPEC names exactly seven families; the `*_created` series would add four.
         # prometheus-client only offers this switch process-wide.
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
@@ -117,6 +125,7 @@ class Metrics:
             ["peer"],
             registry=self.registry,
         )
+        self.registry.register(ExpiryCollector(certificates))
         self._peers: frozenset[str] = frozenset()
         self._answer_children: dict[tuple[str, ...], tuple[Any, Any]] = {}
         self._in_flight_children: dict[tuple[str, str], Gauge] = {}
@@ -229,6 +238,32 @@ class CircuitCollector(Collector):
             "sidecar_circuit_state",
             "1 for the breaker's current state, 0 for the others.",
             labels=["peer", "state"],
+        )
+
+
+class ExpiryCollector(Collector):
+    """`sidecar_certificate_expiry_seconds{kind}`: seconds until this sidecar's certificate
+    (`kind="certificate"`) and the earliest CA of its bundle (`kind="ca"`) expire; negative
+    once past. Read when scraped, as the circuit states are; no series with TLS off."""
+
+    def __init__(self, expiries: Expiries) -> None:
+        self._expiries = expiries
+
+    def describe(self) -> Iterable[Metric]:
+        return [self._family()]
+
+    def collect(self) -> Iterator[Metric]:
+        family = self._family()
+        for kind, seconds in self._expiries():
+            family.add_metric([kind], seconds)
+        yield family
+
+    @staticmethod
+    def _family() -> GaugeMetricFamily:
+        return GaugeMetricFamily(
+            "sidecar_certificate_expiry_seconds",
+            "Seconds until the certificate or the earliest mesh CA expires (negative: expired).",
+            labels=["kind"],
         )
 
 

@@ -16,8 +16,9 @@ When the app sent no context, every attempt of the call shares that fresh id
 as root spans of one trace (rather than children of an invented parent that
 no backend would ever receive).
 
-Spans carry only SPEC's attribute list, built from the templated route,
-service names, the normalised method, status and reason codes. Exceptions
+Spans carry only SPEC's attribute list (and, over mTLS, the peer's SPIFFE
+ID), built from the templated route, service names, the normalised method,
+status and reason codes. Exceptions
 are never recorded (their messages may quote the request): `error.type` only.
 """
 
@@ -82,6 +83,8 @@ ATTRIBUTES = frozenset(
         "sidecar.source",
         "sidecar.target",
         "sidecar.reason",
+        # Beyond SPEC's list (README): the peer's SPIFFE ID on a call over mTLS.
+        "sidecar.peer_id",
     }
 )
 CONTEXT_HEADERS = (TRACEPARENT, TRACESTATE)
@@ -233,6 +236,8 @@ def _finish(
     peer = call.target if client else (call.source if call.source != "anonymous" else "")
     if peer:
         attributes["peer.service"] = peer
+    if call.peer_id is not None:
+        attributes["sidecar.peer_id"] = call.peer_id
     if resend > 0:
         attributes["http.request.resend_count"] = resend
     failed = error is not None

@@ -1,10 +1,11 @@
 """Shared by the deployment tests: paths, and sidecar configs made checkable here.
 
 The shipped configs name key files where the containers mount them
-(`/run/secrets/<service>.pem`, `/etc/mesh/jwks.json`). `sidecar check` loads
-those keys, so the tests make a throwaway key set with `sidecar keygen` and
-check a copy of each config whose key paths point at it: everything else in
-the copy is byte for byte the shipped file.
+(`/run/secrets/<service>.pem`, `.crt` and `.key`, `/etc/mesh/jwks.json` and
+`ca.pem`). `sidecar check` loads those keys and certificates, so the tests
+make a throwaway set with `sidecar keygen` and `sidecar certs` and check a
+copy of each config whose key paths point at it: everything else in the copy
+is byte for byte the shipped file.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 SECRETS_DIR = "/run/secrets/"
 JWKS_FILE = "/etc/mesh/jwks.json"
+CA_FILE = "/etc/mesh/ca.pem"
+TRUST_DOMAIN = "intelluxe.local"
 AUDIT_FILE = "/var/log/sidecar/audit.jsonl"
 SIDECAR_IMAGE = "intelluxe/sidecar"
 SIDECAR = (sys.executable, "-m", "sidecar")
@@ -47,18 +50,25 @@ def run_all(commands: Iterable[tuple[str, ...]]) -> list[subprocess.CompletedPro
 
 
 def make_keys(out: Path) -> Path:
-    """A key pair per mesh service and the merged JWKS, made with the sidecar's CLI."""
+    """A key pair and a certificate per mesh service, the merged JWKS and the mesh CA,
+    made with the sidecar's CLI."""
+    assert cli.main(["certs", "ca", "--out", str(out)]) == 0
     for name in SERVICES:
         assert cli.main(["keygen", "--service", name, "--out", str(out)]) == 0
+        assert cli.main(["certs", "issue", "--ca", str(out), "--service", name,
+                         "--trust-domain", TRUST_DOMAIN, "--out", str(out)]) == 0
     assert cli.main(["jwks", "-o", str(out / "jwks.json"), str(out)]) == 0
     return out
 
 
-def localise(config: Path, keys: Path, out_dir: Path) -> Path:
-    """A copy of `config` whose key paths point at `keys`; nothing else changes."""
+def localise(config: Path, keys: Path, out_dir: Path, public: Path | None = None) -> Path:
+    """A copy of `config` whose key paths point at `keys` (and the JWKS and CA bundle at
+    `public`, `keys` unless given); nothing else changes."""
     text = config.read_text(encoding="utf-8")
-    assert SECRETS_DIR in text and JWKS_FILE in text, f"{config}: key paths moved"
-    text = text.replace(JWKS_FILE, str(keys / "jwks.json")).replace(SECRETS_DIR, f"{keys}/")
+    assert SECRETS_DIR in text and JWKS_FILE in text and CA_FILE in text, f"{config}: moved"
+    public = public or keys
+    text = (text.replace(JWKS_FILE, str(public / "jwks.json"))
+            .replace(CA_FILE, str(public / "ca.pem")).replace(SECRETS_DIR, f"{keys}/"))
     copy = out_dir / config.name
     copy.write_text(text, encoding="utf-8")
     return copy

@@ -10,8 +10,11 @@ most checks run even where docker-compose is missing.
 from __future__ import annotations
 
 import functools
+import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +28,13 @@ from sidecar.config import loader as config_loader
 from sidecar.inbound.policy import Policy
 from tests.deploy import (
     AUDIT_FILE,
+    CA_FILE,
     DEPLOY,
     JWKS_FILE,
     REPO,
     SECRETS_DIR,
     SIDECAR_IMAGE,
+    TRUST_DOMAIN,
     check_in_process,
     localise,
     make_keys,
@@ -227,6 +232,56 @@ def test_keys_are_made_once_and_each_sidecar_gets_only_its_own(
         assert sidecar_mounts[SECRETS_DIR.rstrip("/")] == (f"keys-{name}", True)
         assert sidecar_mounts[str(Path(JWKS_FILE).parent)] == ("mesh-jwks", True)
         assert sidecar_mounts[str(Path(AUDIT_FILE).parent)] == (f"audit-{name}", False)
+        # The CA's private key is the keygen's alone.
+        assert "mesh-ca" not in {source for source, _ in sidecar_mounts.values()}
+    assert keygen_mounts["/ca"] == ("mesh-ca", False)
+
+
+def keygen_script(root: Path) -> str:
+    """The keygen's script as its shell runs it, with its volumes under `root` and no chown."""
+    raw = yaml.safe_load(FULL[0].read_text(encoding="utf-8"))["services"]["keygen"]
+    script = str(raw["command"][0]).replace("$$", "$")
+    script = re.sub(r"(?<![\w/.-])/(keys|ca)\b", lambda m: f"{root}/{m.group(1)}", script)
+    return script.replace("chown -R 10001:10001", ": chown")
+
+
+def run_keygen(root: Path, renew: str = "") -> dict[str, bytes]:
+    """One run of the keygen (as `docker compose run keygen`); every file it leaves."""
+    shim = root / "bin" / "sidecar"
+    if not shim.exists():
+        shim.parent.mkdir(parents=True)
+        shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m sidecar "$@"\n')
+        shim.chmod(0o755)
+        for volume in ("ca", "keys/public", *(f"keys/{name}" for name in SERVICES)):
+            (root / volume).mkdir(parents=True)
+    env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "RENEW": renew}
+    done = subprocess.run(["/bin/sh", "-ec", keygen_script(root)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return {str(path.relative_to(root)): path.read_bytes()
+            for path in root.rglob("*") if path.is_file() and "bin" not in path.parts}
+
+
+def test_keygen_makes_the_ca_and_certificates_once_and_renews_on_request(tmp_path: Path) -> None:
+    first = run_keygen(tmp_path)
+    for name in SERVICES:
+        for suffix in (".pem", ".crt", ".key"):
+            assert f"keys/{name}/{name}{suffix}" in first
+    assert {"ca/ca.pem", "ca/ca.key"} <= set(first)
+    # What every sidecar mounts holds no private key: the JWKS and the CA's certificate.
+    assert sorted(path for path in first if path.startswith("keys/public/")) == [
+        "keys/public/ca.pem", "keys/public/jwks.json"]
+    assert first["keys/public/ca.pem"] == first["ca/ca.pem"]
+    assert run_keygen(tmp_path) == first  # kept across restarts
+    renewed = run_keygen(tmp_path, renew="billing-engine")
+    changed = {path for path in first if renewed.get(path) != first[path]}
+    assert changed == {"keys/billing-engine/billing-engine.crt",
+                       "keys/billing-engine/billing-engine.key"}
+    # Every shipped config passes `sidecar check` against what the keygen made.
+    copies = [localise(CONFIGS / f"{name}.yaml", tmp_path / "keys" / name, tmp_path,
+                       public=tmp_path / "keys" / "public") for name in SERVICES]
+    for name, result in sidecar_check(copies).items():
+        assert result.returncode == 0, f"{name}: {result.stderr}"
 
 
 def test_jaeger_takes_otlp(services: dict[str, Any]) -> None:
@@ -285,6 +340,10 @@ def test_configs_name_what_compose_mounts() -> None:
         identity = config["identity"]
         assert identity["private_key_file"] == f"{SECRETS_DIR}{name}.pem"
         assert identity["jwks_file"] == JWKS_FILE
+        assert config["trust_domain"] == TRUST_DOMAIN
+        assert config["tls"] == {"mode": "strict", "ca_file": CA_FILE,
+                                 "cert_file": f"{SECRETS_DIR}{name}.crt",
+                                 "key_file": f"{SECRETS_DIR}{name}.key"}
         assert config["audit"]["path"] == AUDIT_FILE
         assert config["tracing"]["exporter"] == "otlp"
         assert config["tracing"]["endpoint"] == "http://jaeger:4318"

@@ -22,6 +22,7 @@ from deploy.apps.common import settings_from
 from deploy.topology import APPS, CLIENT_MODULE, EDGE, SERVICES, callees
 from tests.deploy import (
     AUDIT_FILE,
+    CA_FILE,
     DEPLOY,
     JWKS_FILE,
     SECRETS_DIR,
@@ -135,7 +136,7 @@ def test_apps_bind_loopback_and_call_through_their_sidecar() -> None:
             assert settings.url_for(target) == f"http://127.0.0.1:15001/{target}"
 
 
-def test_each_sidecar_mounts_its_config_its_own_key_and_the_jwks() -> None:
+def test_each_sidecar_mounts_its_config_its_own_keys_the_jwks_and_the_ca() -> None:
     configs = generated_configs()
     for name in SERVICES:
         spec = pod_spec(name)
@@ -146,7 +147,10 @@ def test_each_sidecar_mounts_its_config_its_own_key_and_the_jwks() -> None:
         assert configs[config_map] == K8S / "config" / f"{name}.yaml"
         key = mounted[SECRETS_DIR.rstrip("/")]["secret"]["secretName"]
         assert key == f"sidecar-key-{name}"
-        assert mounted[str(Path(JWKS_FILE).parent)]["configMap"]["name"] == "mesh-jwks"
+        # The JWKS and the CA bundle side by side: both public, both mesh-wide.
+        sources = mounted[str(Path(JWKS_FILE).parent)]["projected"]["sources"]
+        assert [source["configMap"]["name"] for source in sources] == ["mesh-jwks", "mesh-ca"]
+        assert Path(JWKS_FILE).parent == Path(CA_FILE).parent
         assert "emptyDir" in mounted[str(Path(AUDIT_FILE).parent)]
 
 
@@ -212,7 +216,9 @@ def test_kustomize_renders_the_mesh() -> None:
             assert o["metadata"]["namespace"] == NAMESPACE
     for deployment in deployments:
         for volume in deployment["spec"]["template"]["spec"].get("volumes", []):
-            name = volume.get("configMap", {}).get("name")
-            # Generated names carry a content hash; mesh-jwks is made outside kustomize.
-            assert name is None or name == "mesh-jwks" or name in config_maps, name
+            sources = volume.get("projected", {}).get("sources") or [volume]
+            for name in (source.get("configMap", {}).get("name") for source in sources):
+                # Generated names carry a content hash; the JWKS and the CA bundle are
+                # made outside kustomize.
+                assert name in (None, "mesh-jwks", "mesh-ca") or name in config_maps, name
     assert EDGE in {d["metadata"]["name"] for d in deployments}

@@ -227,6 +227,7 @@ class FaultProxy:
         self.clock: Clock = SYSTEM_CLOCK
         self.connections = 0
         self.requests_forwarded = 0
+        self.first_bytes: list[bytes] = []  # what each client connection sent first, as sent
         self._mode = "pass"
         self._server: asyncio.Server | None = None
         self._running = False
@@ -354,6 +355,7 @@ class FaultProxy:
                 await upstream_w.drain()
                 if first:
                     self.requests_forwarded += 1
+                    self.first_bytes.append(chunk)
                     first = False
             upstream_w.write_eof()  # pass the client's half-close on
         except OSError:

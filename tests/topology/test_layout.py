@@ -12,8 +12,14 @@ import yaml
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from deploy import demo, narration, netns, traces
-from deploy.mesh import CONFIG_DIR, adapt_config, loopback_placement, netns_placement
-from deploy.process import child_env
+from deploy.mesh import (
+    CONFIG_DIR,
+    TRUST_DOMAIN,
+    adapt_config,
+    loopback_placement,
+    netns_placement,
+)
+from deploy.process import CertRing, child_env
 from deploy.topology import EDGE, SERVICES
 from sidecar import cli
 from sidecar.identity import keys
@@ -65,8 +71,9 @@ def test_the_hosts_file_names_every_service_and_jaeger() -> None:
     assert "127.0.0.1\tlocalhost" in netns.hosts_file(layout).splitlines()
 
 
-def test_in_a_namespace_only_keys_audit_store_tracing_and_pace_change() -> None:
+def test_in_a_namespace_only_keys_certificates_audit_store_tracing_and_pace_change() -> None:
     placement = netns_placement(netns.plan(list(SERVICES)))
+    ring = CertRing(Path("/c"), trust_domain=TRUST_DOMAIN)
     for service in SERVICES:
         original = shipped(service)
         out = adapt_config(
@@ -77,19 +84,21 @@ def test_in_a_namespace_only_keys_audit_store_tracing_and_pace_change() -> None:
             jwks=Path("/k/jwks.json"),
             audit=Path("/a/x.jsonl"),
             store=Path("/w/x.db"),
+            certs=ring,
             breaker={"failure_threshold": 2},
             redelivery={"max": "1s"},
             ship_interval="500ms",
         )
         assert out["identity"]["private_key_file"] == "/k/x.pem"
         assert out["identity"]["jwks_file"] == "/k/jwks.json"
+        assert out["tls"] == ring.tls(service, "strict")  # the mode as shipped
         assert out["audit"] == {"path": "/a/x.jsonl",
                                 "ship": {**original["audit"]["ship"], "interval": "500ms"}}
         assert out["workflows"]["store"] == "sqlite:///w/x.db"
         assert out["workflows"]["redelivery"] == {"base": "1s", "max": "1s"}
         assert out["defaults"]["circuit_breaker"]["failure_threshold"] == 2
         assert out["defaults"]["circuit_breaker"]["recovery_timeout"] == "10s"  # kept
-        for changed in ("identity", "audit", "defaults", "workflows"):
+        for changed in ("identity", "tls", "audit", "defaults", "workflows"):
             out.pop(changed), original.pop(changed)
         assert out == original  # listen, endpoints, policy, tracing: as in Compose
 
@@ -136,6 +145,7 @@ def test_adapted_configs_pass_sidecar_check(mode: str, tmp_path: Path) -> None:
         keys.generate(service=service, out_dir=tmp_path, algorithm="EdDSA")
     jwks = tmp_path / "jwks.json"
     jwks.write_text(json.dumps(keys.merge_jwks([tmp_path])))
+    ring = CertRing(tmp_path, trust_domain=TRUST_DOMAIN).generate(SERVICES)
     for service in SERVICES:
         path = tmp_path / f"{service}.yaml"
         doc = adapt_config(
@@ -145,6 +155,7 @@ def test_adapted_configs_pass_sidecar_check(mode: str, tmp_path: Path) -> None:
             private_key=tmp_path / f"{service}.pem",
             jwks=jwks,
             audit=tmp_path / f"{service}.jsonl",
+            certs=ring,
             breaker=demo.DEMO_BREAKER,
         )
         path.write_text(yaml.safe_dump(doc))

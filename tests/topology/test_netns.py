@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import re
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -167,8 +168,13 @@ async def test_an_app_is_reachable_from_other_namespaces_only_through_its_sideca
     topology: Topology,
 ) -> None:
     mesh = topology.mesh
+    ring = mesh.certs
+    # A member of the mesh by certificate (the edge's), but without a sidecar's token.
+    member = ssl.create_default_context(cafile=str(ring.ca_file))
+    member.load_cert_chain(str(ring.cert_file(EDGE)), str(ring.key_file(EDGE)))
     for service in APPS:
         site = mesh.sites[service]
+        tls_url = f"https://{site.address}:{site.inbound_port}"
         async with mesh.session(service) as inside:  # the app is up, in its own namespace
             async with inside.get(site.app_url + "/health") as response:
                 assert response.status == 200
@@ -177,10 +183,16 @@ async def test_an_app_is_reachable_from_other_namespaces_only_through_its_sideca
                 with pytest.raises(aiohttp.ClientConnectorError) as refused:
                     await outside.get(f"http://{site.address}:{port}/health")
                 assert refused.value.os_error.errno == errno.ECONNREFUSED, (service, port)
+            # The inbound port speaks mutual TLS only (strict), even on a public path.
             async with outside.get(site.inbound_url + "/health") as response:
+                assert response.status == 400
+                assert response.headers["x-sidecar-reason"] == "tls_required"
+            async with outside.get(tls_url + "/health", ssl=member,
+                                   server_hostname=service) as response:
                 assert response.status == 200  # a public path: the sidecar passes it on
             # Anything else needs a token, which only a sidecar adds.
-            async with outside.post(site.inbound_url + "/encounters", json={}) as response:
+            async with outside.post(tls_url + "/encounters", json={}, ssl=member,
+                                    server_hostname=service) as response:
                 assert response.status == 401
                 assert response.headers["x-sidecar-reason"] == "token_missing"
 

@@ -13,6 +13,7 @@ from sidecar.clock import FakeClock
 SPEC_FIELDS = {
     "ts", "direction", "source", "target", "method", "route", "status", "decision",
     "reason", "duration_ms", "attempts", "trace_id", "prev_hash", "hash",
+    "tls", "peer_id",  # SPEC "Encryption in transit"
 }  # fmt: skip
 
 

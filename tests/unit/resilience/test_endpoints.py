@@ -1,6 +1,7 @@
 import random
 from collections import Counter
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 import pytest
@@ -226,7 +227,7 @@ class FakeSession:
         self.asked: list[tuple[str, float | None, bool]] = []
 
     def get(
-        self, url: str, *, allow_redirects: bool, timeout: aiohttp.ClientTimeout
+        self, url: str, *, allow_redirects: bool, timeout: aiohttp.ClientTimeout, **tls: Any
     ) -> FakeResponse:
         self.asked.append((url, timeout.total, allow_redirects))
         answer = self.answers[url]

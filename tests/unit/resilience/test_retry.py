@@ -10,6 +10,7 @@ from sidecar.clock import FakeClock
 from sidecar.config.settings import Backoff, RetryBudget, RetryPolicy
 from sidecar.http import problem
 from sidecar.resilience.budget import RetryBudgets
+from sidecar.resilience.classify import Outcome, classify
 from sidecar.resilience.retry import backoff_delay, retry, retry_after
 from sidecar.stack import Body, Call, Reply, UpstreamError
 from tests.support.calls import Next, target
@@ -342,3 +343,32 @@ async def test_policy_comes_from_the_routed_target(clock: FakeClock) -> None:
     call.deadline = clock.now + 10
     await retry_layer(routed(call, RetryPolicy(attempts=4)), script)
     assert len(script.calls) == 4
+
+
+# --- 429 (SPEC "Rate limits (inbound)": its Retry-After is treated as a 503's) ---------------
+
+
+async def test_a_429_is_retried_exactly_after_its_retry_after(clock: FakeClock) -> None:
+    first = answer(429, **{"Retry-After": "2"})
+    script = Next(first, answer(200))
+    reply = await run(clock, make_call(), script)
+    assert reply.status == 200 and len(script.calls) == 2
+    assert clock.sleeps == [2.0]  # not a moment before
+    assert released(first) == 1
+
+
+@pytest.mark.parametrize(("headers", "method", "policy"), [
+    ({}, "GET", None),  # no Retry-After: no time to come back at
+    ({"Retry-After": "20"}, "GET", None),  # past the call's deadline
+    ({"Retry-After": "1"}, "POST", None),  # not safe to send twice
+    ({"Retry-After": "1"}, "GET", RetryPolicy(retry_on=frozenset({"502"}))),  # 503s not retried
+])
+async def test_a_429_is_not_retried_when_a_503_would_not_be(
+        clock: FakeClock, headers: dict[str, str], method: str, policy: RetryPolicy | None) -> None:
+    script = Next(answer(429, **headers), answer(200))
+    reply = await run(clock, make_call(method), script, policy)
+    assert reply.status == 429 and len(script.calls) == 1
+
+
+def test_a_429_is_no_failure_for_breaker_or_outliers() -> None:
+    assert classify(answer(429, **{"Retry-After": "1"}), frozenset({"503"})) is Outcome.SUCCESS

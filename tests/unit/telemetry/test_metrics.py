@@ -24,6 +24,7 @@ FAMILIES = {
     "sidecar_circuit_state": ("gauge", {"peer", "state"}),
     "sidecar_in_flight": ("gauge", {"direction", "peer"}),
     "sidecar_outlier_ejections": ("counter", {"peer"}),
+    "sidecar_certificate_expiry_seconds": ("gauge", {"kind"}),
 }
 
 
@@ -66,7 +67,8 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
 
 
 def test_exactly_the_spec_families_with_their_labels() -> None:
-    metrics = Metrics(peers=["insurance-verification"])
+    metrics = Metrics(peers=["insurance-verification"],
+                      certificates=lambda: [("certificate", 86400.0), ("ca", -1.0)])
     metrics.answered("outbound", "insurance-verification", "GET", "200", "", 0.01)
     metrics.retried("insurance-verification")
     metrics.ejected("insurance-verification")
