@@ -75,6 +75,11 @@ def spans_expected(tree: Node, saga: Mapping[str, Any] | None) -> int:
     same per fan-out delivery."""
     sent = [step for step in (saga or {}).get("steps", []) if step.get("attempts")]
     return 2 + 3 * len(sent) + 3 * fanouts(tree)
+def hops(node: Node) -> int:
+    """The calls in a call tree, this one included."""
+    return 1 + sum(hops(child) for child in children(node))
+
+
 def failed_calls(node: Node) -> int:
     """The calls in a call tree that did not answer 2xx, this one included."""
     status = node.get("status")
