@@ -113,7 +113,14 @@ async def test_sigterm_with_200_calls_in_flight_completes_every_one(make_mesh, u
                 return response.status == 200 and json.loads(body) == {"index": index}
 
         calls = [asyncio.ensure_future(one(i)) for i in range(IN_FLIGHT)]
-        await until(lambda: app.holding == IN_FLIGHT, "every call held at b's app")
+        try:
+            await until(lambda: app.holding == IN_FLIGHT, "every call held at b's app")
+        except AssertionError:
+            # Say what happened to the calls that are missing at the app.
+            ended = [repr(c.exception() or c.result()) for c in calls if c.done()]
+            raise AssertionError(f"{app.holding} of {IN_FLIGHT} calls held at b's app; "
+                                 f"ended early: {Counter(ended)}; a: {a.logs(chars=3000)}; "
+                                 f"b: {b.logs(chars=3000)}") from None
         b.signal(signal.SIGTERM)
         a.signal(signal.SIGTERM)
         await wait_until(lambda: draining(b), "b draining")

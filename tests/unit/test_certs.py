@@ -16,7 +16,12 @@ from sidecar.config.settings import TLS
 from sidecar.tls import certs, check
 
 TD = "intelluxe.local"
-NOW = datetime.datetime.now(datetime.UTC)
+
+
+def now() -> datetime.datetime:
+    """The present, read when a check runs: certificates are made when a test
+    runs, and a whole suite can take longer than their five minutes of backdating."""
+    return datetime.datetime.now(datetime.UTC)
 
 
 def make(tmp_path: Path, service: str = "billing", *, algorithm: str = "ES256",
@@ -41,7 +46,7 @@ def test_a_leaf_names_its_service_by_spiffe_id_and_dns_and_chains_to_the_ca(
     assert sans.get_values_for_type(x509.UniformResourceIdentifier) == [f"spiffe://{TD}/billing"]
     assert sans.get_values_for_type(x509.DNSName) == ["billing"]
     assert not certs.is_ca(leaf) and certs.is_ca(certs.load_certificates(tls.ca_file)[0])
-    assert check.problems(tls, service="billing", trust_domain=TD, now=NOW) == []
+    assert check.problems(tls, service="billing", trust_domain=TD, now=now()) == []
     # What the ssl module itself makes of them: a context loads and verifies both.
     context = ssl.create_default_context(cafile=tls.ca_file)
     context.load_cert_chain(tls.cert_file, tls.key_file)
@@ -73,7 +78,9 @@ def test_check_names_each_problem_with_its_key(tmp_path: Path) -> None:
     other = make(tmp_path / "other", service="billing")  # same name, another CA
     wrong_name = make(tmp_path / "named", service="claims")
 
-    def found(tls: TLS, now: datetime.datetime | None = NOW) -> list[str]:
+    present = now()
+
+    def found(tls: TLS, now: datetime.datetime | None = present) -> list[str]:
         return check.problems(tls, service="billing", trust_domain=TD, now=now)
 
     assert found(replace(good, key_file=other.key_file)) == [
@@ -88,7 +95,7 @@ def test_check_names_each_problem_with_its_key(tmp_path: Path) -> None:
         "tls.cert_file: 'billing' does not chain to a CA in tls.ca_file"]
     assert found(replace(good, ca_file=str(tmp_path / "missing.pem")))[0].startswith(
         "tls.ca_file: [Errno 2]")
-    later = NOW + datetime.timedelta(days=certs.LEAF_DAYS + 1)
+    later = present + datetime.timedelta(days=certs.LEAF_DAYS + 1)
     ends = certs.load_certificates(str(good.cert_file))[0].not_valid_after_utc
     assert found(good, now=later) == [f"tls.cert_file: 'billing' expired at "
                                       f"{ends:%Y-%m-%dT%H:%M:%SZ}"]
@@ -102,7 +109,7 @@ def test_a_bundle_of_old_and_new_ca_accepts_leaves_of_either(tmp_path: Path) -> 
     bundle.write_bytes(Path(str(old.ca_file)).read_bytes() + Path(str(new.ca_file)).read_bytes())
     for tls in (old, new):
         assert check.problems(replace(tls, ca_file=str(bundle)), service="billing",
-                              trust_domain=TD, now=NOW) == []
+                              trust_domain=TD, now=now()) == []
 
 
 def test_the_cli_makes_shows_and_refuses_with_exit_2(tmp_path: Path,
