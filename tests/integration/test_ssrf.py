@@ -24,7 +24,8 @@ import pytest_asyncio
 from aiohttp import web
 
 from deploy.process import SidecarProcess
-from tests.support.hostile import Canary, audit_record_after, audit_records, exchange, request
+from tests.support.audit import read_records
+from tests.support.hostile import Canary, audit_record_after, exchange, request
 from tests.support.mesh import Mesh
 from tests.support.upstream import Upstream
 
@@ -90,7 +91,7 @@ class Site:
     canary: Canary
 
     def audit(self) -> list[dict[str, Any]]:
-        return audit_records(self.a.audit_path)
+        return read_records(self.a.audit_path)
 
     async def audited_after(self, count: int) -> dict[str, Any]:
         return await audit_record_after(self.a.audit_path, count)

@@ -7,7 +7,6 @@ Every handshake here is a real one, on loopback, with certificates from
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import ssl
 from collections.abc import Callable
@@ -23,27 +22,13 @@ from sidecar.http import transport
 from sidecar.stack import UpstreamError
 from sidecar.tls.contexts import client_context
 from tests.support import tls
+from tests.support.audit import wait_for_audit
 from tests.support.calls import make_call, target
 from tests.support.faults import FaultProxy
 from tests.support.mesh import Mesh
 from tests.support.upstream import Upstream
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def audit_lines(process: SidecarProcess) -> list[dict[str, object]]:
-    if not process.audit_path.exists():
-        return []
-    return [json.loads(line) for line in process.audit_path.read_text().splitlines()]
-
-
-async def wait_for_audit(process: SidecarProcess, count: int) -> list[dict[str, object]]:
-    for _ in range(200):
-        lines = audit_lines(process)
-        if len(lines) >= count:
-            return lines
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{process.name} wrote fewer than {count} audit lines")
 
 
 async def strict_pair(make_mesh: Callable[..., Mesh], upstreams: Callable[..., Upstream],

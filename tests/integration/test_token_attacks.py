@@ -30,11 +30,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from deploy.process import SidecarProcess
 from sidecar.identity.keys import load_private_key, public_jwk
+from tests.support.audit import read_records
 from tests.support.hostile import (
     Answer,
     Canary,
     audit_record_after,
-    audit_records,
     exchange,
     request,
 )
@@ -287,7 +287,7 @@ class Corpus:
     forge: Forge
 
     def audit(self) -> list[dict[str, Any]]:
-        return audit_records(self.sidecar.audit_path)
+        return read_records(self.sidecar.audit_path)
 
     async def audited_after(self, count: int) -> dict[str, Any]:
         return await audit_record_after(self.sidecar.audit_path, count)

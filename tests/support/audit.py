@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from deploy.process import SidecarProcess
 
 
-def audit_lines(process: SidecarProcess) -> list[dict[str, Any]]:
-    """The records written so far; none when the file does not exist yet."""
-    if not process.audit_path.exists():
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The file's whole lines as records (the last one may be half written as we
+    read); none when the file does not exist yet."""
+    if not path.exists():
         return []
-    return [json.loads(line) for line in process.audit_path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text().split("\n")[:-1] if line]
+
+
+def audit_lines(process: SidecarProcess) -> list[dict[str, Any]]:
+    """The records `process` has written so far."""
+    return read_records(process.audit_path)
 
 
 async def wait_for_audit(process: SidecarProcess, count: int) -> list[dict[str, Any]]:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.audit import read_records
+
 EXCHANGE_WITHIN = 20.0  # seconds an answer may take before the test fails
 AUDIT_WITHIN = 10.0  # seconds for an audit record to appear
 
@@ -101,18 +103,11 @@ async def exchange(port: int, data: bytes) -> Answer:
     return Answer(status=int(status_line.split()[1]), headers=headers, body=body)
 
 
-def audit_records(path: Path) -> list[dict[str, Any]]:
-    """The audit log's whole lines (the last one may be half written as we read)."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().split("\n")[:-1]]
-
-
 async def audit_record_after(path: Path, count: int) -> dict[str, Any]:
     """The first audit record after the first `count`, once it is written."""
     ends = time.monotonic() + AUDIT_WITHIN
     while time.monotonic() < ends:
-        records = audit_records(path)
+        records = read_records(path)
         if len(records) > count:
             return records[count]
         await asyncio.sleep(0.02)

@@ -15,6 +15,7 @@ from typing import Any
 import aiohttp
 
 from deploy.process import SidecarProcess, loopback_session
+from tests.support.audit import audit_lines
 from tests.support.ledger import Ledger
 
 API = "/_sidecar/v1"
@@ -100,7 +101,4 @@ async def saga_in(sidecar: SidecarProcess, id: str, *states: str) -> dict[str, A
     return await until(look, what=f"saga in {states}")
 
 
-def audit_records(sidecar: SidecarProcess) -> list[dict[str, Any]]:
-    if not sidecar.audit_path.exists():
-        return []
-    return [json.loads(line) for line in sidecar.audit_path.read_text().splitlines() if line]
+audit_records = audit_lines  # one audit reader: tests.support.audit
