@@ -9,58 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import resource
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import aiohttp
-
 from bench import upstream
+from bench.drive import cpu_seconds, get, load, report
 from deploy.process import CertRing, KeyRing, SidecarProcess
 from sidecar.config.settings import TLS
 from sidecar.tls.contexts import client_context, server_context
-
-
-async def load(url: str, *, requests: int, concurrency: int) -> list[float]:
-    latencies: list[float] = []
-    queue = iter(range(requests))
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            for _ in queue:
-                started = time.perf_counter()
-                async with session.get(url) as response:
-                    await response.read()
-                    if response.status != 200:
-                        raise RuntimeError(f"unexpected status {response.status}")
-                latencies.append(time.perf_counter() - started)
-
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))),
-                               timeout=300)
-    return latencies
-
-
-def cpu_seconds(processes: list[SidecarProcess]) -> float:
-    """User and system CPU the processes have used so far (Linux /proc)."""
-    total = 0
-    for process in processes:
-        assert process.proc is not None
-        fields = Path(f"/proc/{process.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def report(name: str, latencies: list[float], elapsed: float, cpu: float | None) -> None:
-    ordered = sorted(latencies)
-    p50 = statistics.median(ordered) * 1000
-    p99 = ordered[int(len(ordered) * 0.99) - 1] * 1000
-    per_request = f"   {cpu / len(ordered) * 1e6:5.0f} µs CPU/req" if cpu is not None else ""
-    print(f"{name:<28} {len(ordered) / elapsed:>9.0f} req/s   p50 {p50:6.2f} ms   "
-          f"p99 {p99:6.2f} ms{per_request}")
 
 
 async def handshake_cpu(ring: CertRing, count: int = 200) -> float:
@@ -112,10 +70,11 @@ async def main(requests: int, concurrency: int) -> None:
                      ("... with strict mTLS", a_tls.outbound_url + "/b/claims/1", [a_tls, b_tls])]
             print(f"{'':<58}(CPU of both sidecars)")
             for name, url, measured in paths:
-                await load(url, requests=min(200, requests), concurrency=concurrency)  # warm up
+                # A warm-up, then the measured run.
+                await load(get(url), requests=min(200, requests), concurrency=concurrency)
                 cpu = cpu_seconds(measured)
                 started = time.perf_counter()
-                latencies = await load(url, requests=requests, concurrency=concurrency)
+                latencies = await load(get(url), requests=requests, concurrency=concurrency)
                 elapsed = time.perf_counter() - started
                 report(name, latencies, elapsed, cpu_seconds(measured) - cpu if measured else None)
         finally:

@@ -18,15 +18,14 @@ import argparse
 import asyncio
 import os
 import resource
-import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 
 from bench import upstream
+from bench.drive import Call, cpu_seconds, get, load, report
 from deploy.process import KeyRing, SidecarProcess
 
 SAGA = {"name": "bench", "steps": [
@@ -37,35 +36,7 @@ SAGA = {"name": "bench", "steps": [
 ]}
 
 
-async def load(call: Callable[[aiohttp.ClientSession], Awaitable[None]], *, requests: int,
-               concurrency: int) -> list[float]:
-    latencies: list[float] = []
-    queue = iter(range(requests))
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
-
-        async def worker() -> None:
-            for _ in queue:
-                started = time.perf_counter()
-                await call(session)
-                latencies.append(time.perf_counter() - started)
-
-        await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))),
-                               timeout=300)
-    return latencies
-
-
-def get(url: str) -> Callable[[aiohttp.ClientSession], Awaitable[None]]:
-    async def one(session: aiohttp.ClientSession) -> None:
-        async with session.get(url) as response:
-            await response.read()
-            if response.status != 200:
-                raise RuntimeError(f"unexpected status {response.status}")
-
-    return one
-
-
-def saga(url: str) -> Callable[[aiohttp.ClientSession], Awaitable[None]]:
+def saga(url: str) -> Call:
     async def one(session: aiohttp.ClientSession) -> None:
         async with session.post(url + "/_sidecar/v1/sagas?wait=30s", json=SAGA) as response:
             doc = await response.json()
@@ -73,22 +44,6 @@ def saga(url: str) -> Callable[[aiohttp.ClientSession], Awaitable[None]]:
                 raise RuntimeError(f"saga ended {response.status} {doc.get('state')}")
 
     return one
-
-
-def cpu_seconds(process: SidecarProcess) -> float:
-    """User and system CPU time of the sidecar process so far (Linux /proc)."""
-    assert process.proc is not None
-    fields = Path(f"/proc/{process.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def report(name: str, latencies: list[float], elapsed: float, cpu: float | None = None) -> None:
-    ordered = sorted(latencies)
-    p50 = statistics.median(ordered) * 1000
-    p99 = ordered[max(0, int(len(ordered) * 0.99) - 1)] * 1000
-    per = f"   cpu/req {cpu / len(ordered) * 1e6:5.0f} µs" if cpu is not None else ""
-    print(f"{name:<36} {len(ordered) / elapsed:>8.0f} /s   p50 {p50:7.2f} ms   "
-          f"p99 {p99:7.2f} ms{per}")
 
 
 async def main(requests: int, concurrency: int, sagas: int) -> None:
@@ -122,12 +77,12 @@ async def main(requests: int, concurrency: int, sagas: int) -> None:
             best: dict[str, tuple[list[float], float, float | None]] = {}
             for _ in range(2):
                 for name, url, measured in runs:
-                    before = cpu_seconds(measured) if measured else 0.0
+                    before = cpu_seconds([measured]) if measured else 0.0
                     started = time.perf_counter()
                     latencies = await load(get(url), requests=requests,
                                            concurrency=concurrency)
                     elapsed = time.perf_counter() - started
-                    cpu = cpu_seconds(measured) - before if measured else None
+                    cpu = cpu_seconds([measured]) - before if measured else None
                     if name not in best or elapsed < best[name][1]:
                         best[name] = (latencies, elapsed, cpu)
             for name, _, _ in runs:
