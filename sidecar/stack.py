@@ -20,6 +20,7 @@ from opentelemetry.context import Context
 from sidecar.config.settings import Service, ServicePolicy
 from sidecar.names import HTTP_METHODS
 from sidecar.paths import RouteTable
+from sidecar.timer import CallTimer
 
 Direction = Literal["outbound", "inbound"]
 
@@ -189,6 +190,7 @@ class Call:
     upstream: Target | None = None  # the routed target (routing; inbound: the app)
     endpoint: str | None = None  # this attempt's base URL (balance; inbound: the app)
     deadline: float | None = None  # monotonic time the call must end by (deadline)
+    timer: CallTimer | None = None  # the call's one timer handle (the edge; else `timed`)
     attempts: int = 0  # attempts made (retry; inbound: 1)
     retries: int = 0  # attempts after the first (retry)
     scheme: str = "http"  # the endpoint's scheme (balance, dial_tls; inbound: the edge)
@@ -216,6 +218,12 @@ class Call:
     @property
     def websocket(self) -> bool:
         return self.websocket_protocols is not None
+
+    def timed(self) -> CallTimer:
+        """The call's timer: the edge's, or one made now by the task running the call."""
+        if self.timer is None:
+            self.timer = CallTimer()
+        return self.timer
 
 
 @dataclass(slots=True)

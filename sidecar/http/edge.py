@@ -29,6 +29,7 @@ from sidecar.stack import (
     MalformedBody,
     Reply,
 )
+from sidecar.timer import CALL, IDLE, CallTimer
 from sidecar.tls.contexts import peer_of
 
 log = logging.getLogger("sidecar.http.edge")
@@ -115,7 +116,7 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
     return call
 
 
-async def write(request: web.BaseRequest, reply: Reply, *,
+async def write(request: web.BaseRequest, reply: Reply, *, timer: CallTimer,
                 extra: Callable[[Reply, CIMultiDict[str]], None] | None = None,
                 close: bool = False, idle: float | None = None) -> web.StreamResponse:
     """Send `reply` to the client, streaming its body.
@@ -125,12 +126,12 @@ async def write(request: web.BaseRequest, reply: Reply, *,
     for `idle` seconds, either way, is cut (aborted like a reset).
     """
     try:
-        return await _write(request, reply, extra=extra, close=close, idle=idle)
+        return await _write(request, reply, timer=timer, extra=extra, close=close, idle=idle)
     finally:
         reply.discard()
 
 
-async def _write(request: web.BaseRequest, reply: Reply, *,
+async def _write(request: web.BaseRequest, reply: Reply, *, timer: CallTimer,
                  extra: Callable[[Reply, CIMultiDict[str]], None] | None,
                  close: bool, idle: float | None) -> web.StreamResponse:
     headers = forwardable(reply.headers, drop_sidecar=False)
@@ -154,7 +155,7 @@ async def _write(request: web.BaseRequest, reply: Reply, *,
         await response.write(reply.body)
     else:
         try:
-            await _relay(reply.body, response, idle)
+            await _relay(reply.body, response, idle, timer)
         except ConnectionResetError:
             # The upstream broke off after the response began: abort so the
             # client sees a cut connection, never a complete-looking answer.
@@ -166,19 +167,31 @@ async def _write(request: web.BaseRequest, reply: Reply, *,
 
 
 async def _relay(body: AsyncIterator[bytes], response: web.StreamResponse,
-                 idle: float | None) -> None:
-    """Copy `body` to the client; a stall of `idle` seconds on either side ends it."""
+                 idle: float | None, timer: CallTimer) -> None:
+    """Copy `body` to the client; a stall of `idle` seconds on either side ends it.
+
+    The idle bound is the call's timer's: moving it on per chunk is a number
+    set, not a timer made. The call's deadline is still running there too.
+    """
     chunks = body.__aiter__()
-    while True:
-        try:
-            async with asyncio.timeout(idle):
-                chunk = await anext(chunks)
-            async with asyncio.timeout(idle):
-                await response.write(chunk)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise ConnectionResetError("stream idle for too long") from None
+    timer.watch()
+    try:
+        while True:
+            timer.set(IDLE, idle)
+            chunk = await anext(chunks)
+            timer.set(IDLE, idle)
+            await response.write(chunk)
+    except StopAsyncIteration:
+        return
+    except asyncio.CancelledError:
+        passed = timer.take(IDLE, CALL)
+        if passed is None:
+            raise
+        why = "stream idle for too long" if passed == IDLE else "the call's deadline passed"
+        raise ConnectionResetError(why) from None
+    finally:
+        timer.unwatch()
+        timer.set(IDLE, None)
 
 
 async def serve(request: web.BaseRequest, handler: Handler, direction: Direction, *,
@@ -188,20 +201,26 @@ async def serve(request: web.BaseRequest, handler: Handler, direction: Direction
     """Run one request through a stack and answer it."""
     call = to_call(request, direction, body_limit=body_limit, body_idle=idle, source=source,
                    target=target, clock=clock)
-    reply = await handler(call)
-    if reply.upgrade is not None:
-        headers: CIMultiDict[str] = CIMultiDict()
-        extra(call, reply, headers)
-        return await websocket.relay(request, reply, headers=headers)
-    # After a refused upgrade the client may already be speaking the other
-    # protocol: nothing more on this connection is read as HTTP.
-    refused_upgrade = hdrs.UPGRADE in request.headers
-    response = await write(
-        request, reply,
-        extra=lambda reply, headers: extra(call, reply, headers),
-        close=closing() or reply.status in CLOSING_STATUSES or refused_upgrade,
-        idle=idle,
-    )
+    # The call's one timer (`sidecar.timer`): the layers' bounds and the relay's.
+    timer = call.timed()
+    try:
+        reply = await handler(call)
+        if reply.upgrade is not None:
+            timer.close()
+            headers: CIMultiDict[str] = CIMultiDict()
+            extra(call, reply, headers)
+            return await websocket.relay(request, reply, headers=headers)
+        # After a refused upgrade the client may already be speaking the other
+        # protocol: nothing more on this connection is read as HTTP.
+        refused_upgrade = hdrs.UPGRADE in request.headers
+        response = await write(
+            request, reply, timer=timer,
+            extra=lambda reply, headers: extra(call, reply, headers),
+            close=closing() or reply.status in CLOSING_STATUSES or refused_upgrade,
+            idle=idle,
+        )
+    finally:
+        timer.close()
     if reply.made_here and reply.reason == BodyStalled.reason:
         # The client stopped sending: waiting on for the rest of its body
         # (aiohttp would, for a while) would hold the connection for nothing.

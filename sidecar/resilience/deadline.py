@@ -16,6 +16,7 @@ from sidecar.clock import SYSTEM_CLOCK, Clock
 from sidecar.http import problem
 from sidecar.http.headers import TIMEOUT_MS
 from sidecar.stack import Call, Handler, Layer, Reply, UpstreamError
+from sidecar.timer import ATTEMPT, CALL, Bound, CallTimer
 
 FAR_SIDE_MARGIN = 0.05
 
@@ -61,7 +62,8 @@ def deadline(*, clock: Clock) -> Layer:
     so the limit covers queueing, every attempt and every delay. An inner
     `UpstreamError("timeout")` (an attempt cut short by this same deadline)
     gets the same answer. When the deadline passes while the answer's body
-    is still coming, the body breaks off (`until_deadline`).
+    is still coming, the body breaks off (`until_deadline`). The bound is
+    kept on the call's one timer (`sidecar.timer`), not a scope of its own.
     """
 
     async def deadline_layer(call: Call, next: Handler) -> Reply:
@@ -73,7 +75,9 @@ def deadline(*, clock: Clock) -> Layer:
             limit = min(limit, asked)
         ends = clock.monotonic() + limit
         call.deadline = ends if call.deadline is None else min(call.deadline, ends)
-        scope = asyncio.timeout(remaining(call, clock))
+        owned = call.timer is None
+        timer = call.timed()
+        timer.set(CALL, remaining(call, clock))
 
         def restart() -> float:
             call.deadline = clock.monotonic() + limit
@@ -82,48 +86,77 @@ def deadline(*, clock: Clock) -> Layer:
         def pause() -> None:
             call.deadline = None
 
+        pause_while_receiving(call, timer, CALL, restart=restart, pause=pause)
         try:
-            async with scope:
-                pause_while_receiving(call, scope, restart=restart, pause=pause)
-                reply = await next(call)
-        except TimeoutError:
-            if not scope.expired():
-                raise
+            reply = await _held(call, next, timer, owned=owned)
         except UpstreamError as exc:
             if exc.kind != "timeout":
                 raise
-        else:
-            return until_deadline(reply, call, clock)
-        return _timed_out(call.target, limit, shortened)
+            reply = None
+        if reply is None:
+            reply = _timed_out(call.target, limit, shortened)
+        return until_deadline(reply, timer, owned=owned)
 
     return deadline_layer
 
 
-def until_deadline(reply: Reply, call: Call, clock: Clock) -> Reply:
-    """`reply`, its streamed body breaking off once `call.deadline` has passed.
+def until_deadline(reply: Reply, timer: CallTimer, *, owned: bool) -> Reply:
+    """`reply`, its streamed body breaking off once the call's deadline has passed.
 
     The answer has begun by then, so there is no 504 to give: the body ends
     as `ConnectionResetError`, which the edge turns into an aborted
     connection, so a cut answer never looks complete (SPEC `upstream_reset`).
+    A timer `owned` by the layer (no edge made one) is closed with the body.
     """
     if not isinstance(reply.body, bytes):
-        reply.body = _bounded(reply.body, call, clock)
+        reply.body = _bounded(reply.body, timer, owned=owned)
+    elif owned:
+        timer.close()
     return reply
 
 
-async def _bounded(body: AsyncIterator[bytes], call: Call, clock: Clock) -> AsyncIterator[bytes]:
+async def _bounded(body: AsyncIterator[bytes], timer: CallTimer, *,
+                   owned: bool) -> AsyncIterator[bytes]:
     chunks = body.__aiter__()
-    while True:
-        try:
-            # Read again for each chunk: while the request body is still coming
-            # in the deadline stands still (None), and it restarts after.
-            async with asyncio.timeout(remaining(call, clock)):
+    try:
+        while True:
+            # While the request body is still coming in the deadline stands
+            # still (the bound is lifted), and it restarts after.
+            timer.watch()
+            try:
                 chunk = await anext(chunks)
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
-            raise ConnectionResetError("the call's deadline passed mid-body") from None
-        yield chunk
+            except StopAsyncIteration:
+                return
+            except asyncio.CancelledError:
+                if timer.take(CALL) is None:
+                    raise
+                raise ConnectionResetError("the call's deadline passed mid-body") from None
+            finally:
+                timer.unwatch()
+            yield chunk
+    finally:
+        if owned:
+            timer.close()
+
+
+async def _held(call: Call, next: Handler, timer: CallTimer, *, owned: bool) -> Reply | None:
+    """`next(call)`, cut short when the call's bound on `timer` passes (then None).
+
+    A timer `owned` by the layer is closed on every way out but an answer,
+    whose body may still need it.
+    """
+    reply = None
+    timer.watch()
+    try:
+        reply = await next(call)
+    except asyncio.CancelledError:
+        if timer.take(CALL) is None:
+            raise
+    finally:
+        timer.unwatch()
+        if owned and reply is None:
+            timer.close()
+    return reply
 
 
 def _timed_out(service: str, limit: float, shortened: bool) -> Reply:
@@ -171,22 +204,31 @@ def per_attempt(*, clock: Clock) -> Layer:
             held = bound if left is None else left
             margin = min(FAR_SIDE_MARGIN, held / 10)
             call.headers[TIMEOUT_MS] = str(max(1, int((held - margin) * 1000)))
-        scope = asyncio.timeout(bound)
+        owned = call.timer is None
+        timer = call.timed()
+        timer.set(ATTEMPT, bound)
 
         def restart() -> float:
             nonlocal by_deadline
             seconds, by_deadline = _attempt_bound(per_try, remaining(call, clock))
             return seconds
 
+        pause_while_receiving(call, timer, ATTEMPT, restart=restart)
+        timer.watch()
         try:
-            async with scope:
-                pause_while_receiving(call, scope, restart=restart)
-                return await next(call)
-        except TimeoutError:
-            if not scope.expired():
+            return await next(call)
+        except asyncio.CancelledError:
+            passed = timer.take(ATTEMPT, CALL)
+            if passed is None:
                 raise
-            kind = "timeout" if by_deadline else "per-try-timeout"
+            kind = "timeout" if by_deadline or passed == CALL else "per-try-timeout"
             raise UpstreamError(kind, sent=True) from None
+        finally:
+            timer.unwatch()
+            if owned:
+                timer.close()
+            else:
+                timer.set(ATTEMPT, None)
 
     return per_attempt_layer
 
@@ -200,35 +242,31 @@ def _attempt_bound(per_try: float, left: float | None) -> tuple[float, bool]:
 
 def pause_while_receiving(
     call: Call,
-    scope: asyncio.Timeout,
+    timer: CallTimer,
+    bound: Bound,
     *,
     restart: Callable[[], float],
     pause: Callable[[], None] | None = None,
 ) -> None:
-    """While the client is still sending the request body, `scope` stands still.
+    """While the client is still sending the request body, `bound` stands still.
 
     Time spent waiting on the client is not the upstream's (Envoy likewise
     starts its route timeout once the request is in): a slow upload is not
     cut short and counts against no breaker. When the body is all in, the
-    scope ends `restart()` seconds later.
+    bound passes `restart()` seconds later.
     """
+    if call.body.complete:
+        return  # nothing left to wait for (the common case: no body at all)
 
     def stop() -> None:
         if pause is not None:
             pause()
-        _reschedule(scope, None)
+        timer.set(bound, None)
 
     def start() -> None:
-        _reschedule(scope, asyncio.get_running_loop().time() + restart())
+        timer.set(bound, restart())
 
     call.body.watch(stop, start)
-
-
-def _reschedule(scope: asyncio.Timeout, when: float | None) -> None:
-    try:
-        scope.reschedule(when)
-    except RuntimeError:
-        pass  # the scope has already ended: nothing left to time
 
 
 def hold_deadline(*, clock: Clock = SYSTEM_CLOCK) -> Layer:
@@ -248,20 +286,18 @@ def hold_deadline(*, clock: Clock = SYSTEM_CLOCK) -> Layer:
             budget = min(budget, asked)
         call.deadline = clock.monotonic() + budget
         call.attempts = 1  # the one call to the app
+        owned = call.timer is None
+        timer = call.timed()
+        timer.set(CALL, budget)
 
         def restart() -> float:
             call.deadline = clock.monotonic() + budget
             return budget
 
-        scope = asyncio.timeout(budget)
-        try:
-            async with scope:
-                pause_while_receiving(call, scope, restart=restart)
-                reply = await next(call)
-        except TimeoutError:
-            if not scope.expired():
-                raise
-            raise UpstreamError("timeout", sent=True) from None
-        return until_deadline(reply, call, clock)
+        pause_while_receiving(call, timer, CALL, restart=restart)
+        reply = await _held(call, next, timer, owned=owned)
+        if reply is None:
+            raise UpstreamError("timeout", sent=True)
+        return until_deadline(reply, timer, owned=owned)
 
     return hold_deadline_layer
