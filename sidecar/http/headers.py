@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -45,6 +46,31 @@ def looks_like_own(lower: str) -> bool:
     return dashed in (TOKEN, SOURCE) or dashed.startswith(SIDECAR_PREFIX)
 
 
+# What each header name seen so far is: its lower case, whether it is always
+# dropped (hop-by-hop or a look-alike), and whether it is `x-sidecar-*`. Names
+# repeat from one request to the next; the map is bounded, as names are the
+# sender's to choose.
+_NAMES: dict[str, tuple[str, bool, bool]] = {}
+_NAMES_KEPT = 4096
+
+
+def _name(name: str) -> tuple[str, bool, bool]:
+    known = _NAMES.get(name)
+    if known is None:
+        lower = name.lower()
+        known = (lower, lower in HOP_BY_HOP or looks_like_own(lower),
+                 lower.startswith(SIDECAR_PREFIX))
+        if len(_NAMES) < _NAMES_KEPT:
+            _NAMES[name] = known
+    return known
+
+
+@functools.lru_cache(maxsize=64)
+def _lowered(names: tuple[str, ...]) -> frozenset[str]:
+    # The stacks pass constants: each set is made once.
+    return frozenset(name.lower() for name in names)
+
+
 def forwardable(
     headers: CIMultiDictProxy[str] | CIMultiDict[str],
     *,
@@ -55,20 +81,19 @@ def forwardable(
     """A copy of `headers` without hop-by-hop ones, without `drop`, without
     look-alikes of the sidecar's own names (`looks_like_own`), and, unless
     `drop_sidecar` is false, without any `x-sidecar-*` other than those in `keep`."""
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", [])
-        for token in value.split(",")
-        if token.strip()
-    }
-    dropped = HOP_BY_HOP | named | {d.lower() for d in drop}
-    kept = {k.lower() for k in keep}
+    dropped = _lowered(drop if isinstance(drop, tuple) else tuple(drop))
+    named = headers.getall("Connection", None)
+    if named is not None:
+        dropped = dropped | {
+            token.strip().lower() for value in named for token in value.split(",")
+        }
+    kept = _lowered(keep if isinstance(keep, tuple) else tuple(keep))
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in headers.items():
-        lower = name.lower()
-        if lower in dropped or looks_like_own(lower):
+        lower, always, sidecar = _name(name)
+        if always or lower in dropped:
             continue
-        if drop_sidecar and lower.startswith(SIDECAR_PREFIX) and lower not in kept:
+        if drop_sidecar and sidecar and lower not in kept:
             continue
         out.add(name, value)
     return out

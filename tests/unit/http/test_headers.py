@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
+from sidecar.http import headers as module
 from sidecar.http.headers import forwardable
 
 
@@ -31,3 +32,13 @@ def test_forwardable_drops_look_alikes_of_the_sidecars_own_names(drop_sidecar: b
     out = forwardable(headers, drop_sidecar=drop_sidecar)
     assert list(out.keys()) == ["x_request_id", "x_source_services", "my_header",
                                 "x-source-service"]
+
+
+def test_the_names_remembered_are_bounded_and_later_names_still_judged() -> None:
+    flood: CIMultiDict[str] = CIMultiDict((f"x-flood-{i}", "v") for i in range(5000))
+    flood.add("X_Source_Service", "svc-c")  # a look-alike after the map is full
+    flood.add("Keep-Alive", "timeout=5")
+    out = forwardable(flood)
+    assert len(module._NAMES) <= module._NAMES_KEPT
+    assert len(out) == 5000
+    assert "X_Source_Service" not in out and "Keep-Alive" not in out
