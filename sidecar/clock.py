@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Protocol
 
@@ -59,4 +60,11 @@ SYSTEM_CLOCK = SystemClock()
 def rfc3339_ms(epoch_seconds: float) -> str:
     """`2024-01-02T03:04:05.678Z`: UTC, milliseconds cut (not rounded); audit and logs alike."""
     seconds, millis = divmod(int(epoch_seconds * 1000), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return f"{_second(seconds)}.{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(seconds: int) -> str:
+    # Every audit record and log line formats the time; within a second only
+    # the milliseconds change.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
