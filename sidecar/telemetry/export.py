@@ -524,6 +524,6 @@ def _exporter(plan: ExportPlan) -> SpanExporter | None:
         )
 
         return GrpcSpanExporter(endpoint=plan.endpoint, timeout=plan.timeout)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from sidecar.telemetry.http_export import DirectHttpExporter
 
-    return OTLPSpanExporter(endpoint=plan.endpoint, timeout=plan.timeout)
+    return DirectHttpExporter(endpoint=plan.endpoint, timeout=plan.timeout)
