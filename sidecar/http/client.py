@@ -295,6 +295,9 @@ class Connection(asyncio.Protocol):
         self._payload = None
         self._head = None
         self._writer = None
+        if self._reading_paused:
+            # Idle, it must read on: an EOF from the far side is how it learns to go.
+            self.resume_reading(resume_parser=False)
 
     def close(self) -> None:
         """Close at once, whatever is under way (cancellation, a reply dropped unread)."""
