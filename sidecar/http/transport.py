@@ -3,20 +3,21 @@
 It never follows redirects, never decompresses, never adds headers of its own
 (no User-Agent, no Accept-Encoding), and maps every way a call can fail
 before the response begins onto `UpstreamError` for `classify`.
+
+The session holds two keep-alive pools, closed together: the lean client's
+(`client.Pool`), which every ordinary exchange goes through, and aiohttp's,
+for WebSocket upgrades and the health checks.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from multidict import CIMultiDict
-from yarl import URL
 
 from sidecar import reasons
-from sidecar.http import listener, websocket
+from sidecar.http import client, listener, websocket
 from sidecar.http.headers import REASON
 from sidecar.stack import Call, Handler, Reply, RequestBodyError, UpstreamError
 from sidecar.tls.contexts import PeerMismatch
@@ -25,6 +26,27 @@ E = TypeVar("E", bound=BaseException)
 
 MAX_RESPONSE_HEADER_LINE = 64 * 1024
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+
+
+class Connector(listener.PeerCheckingConnector):
+    """aiohttp's connector with the lean pool beside it: whoever closes the session
+    closes both."""
+
+    def __init__(self, *, lean: client.Pool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lean = lean
+
+    async def close(self, *, abort_ssl: bool = False) -> None:
+        self.lean.close()
+        await super().close(abort_ssl=abort_ssl)
+
+
+def lean_pool(session: aiohttp.ClientSession) -> client.Pool:
+    """The lean pool of a session that `new_session` made."""
+    connector = session.connector
+    if not isinstance(connector, Connector):
+        raise TypeError("a session from transport.new_session is needed")
+    return connector.lean
 
 
 def new_session(*, connect_timeout: float = 1.0, idle: float = 30.0) -> aiohttp.ClientSession:
@@ -36,7 +58,8 @@ def new_session(*, connect_timeout: float = 1.0, idle: float = 30.0) -> aiohttp.
     """
     # Pooled per endpoint and SSL context: a TLS connection serves many calls, and
     # a rotated context makes new connections while the old ones idle out.
-    connector = listener.PeerCheckingConnector(
+    connector = Connector(
+        lean=client.Pool(idle=idle, max_line=MAX_RESPONSE_HEADER_LINE),
         limit=0, limit_per_host=0, keepalive_timeout=idle, ttl_dns_cache=5,
         enable_cleanup_closed=True,
     )
@@ -58,52 +81,45 @@ def new_session(*, connect_timeout: float = 1.0, idle: float = 30.0) -> aiohttp.
 
 async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
                    connect_timeout: float) -> Reply:
-    """Send `call` to `base_url` and return the upstream's reply with its body streaming."""
+    """Send `call` to `base_url` over the session's lean pool (`client`) and return the
+    upstream's reply with its body streaming."""
     # Hop-by-hop headers went at the edge; Host is the endpoint's own.
-    headers = call.headers.copy()
-    headers.popall("Host", None)
+    headers = call.headers
+    if "Host" in headers:
+        headers = headers.copy()
+        headers.popall("Host")
     body = None if call.body.is_empty else call.body.payload()
     try:
-        response = await session.request(
-            call.method,
+        response = await lean_pool(session).send(
+            base_url, call.method,
             # Encoded as it stands: the path the policy saw is the path sent.
-            URL(base_url + call.target_path, encoded=True),
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout,
-                                          connect=connect_timeout),
-            ssl=call.ssl_context or True,
+            call.target_path, headers, body,
+            connect_timeout=connect_timeout, context=call.ssl_context,
             server_hostname=call.server_name,
         )
-    except (aiohttp.ClientConnectorCertificateError, PeerMismatch) as exc:
+    except client.IdentityRefused as exc:
         # The far side is not who the call was routed to: nothing was sent.
         raise UpstreamError("identity-mismatch", sent=False) from exc
-    except aiohttp.ClientConnectorError as exc:
+    except client.ConnectFailed as exc:
         raise UpstreamError("connect-failure", sent=False) from exc
-    except aiohttp.ClientResponseError as exc:
+    except client.MalformedResponse as exc:
         # The upstream's answer could not be parsed: sending it again will not help.
         raise UpstreamError("bad-response", sent=True) from exc
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
-            aiohttp.ClientPayloadError) as exc:
-        body_error = _cause(exc, RequestBodyError)
-        if body_error is not None:
-            raise body_error from exc
-        raise UpstreamError("reset", sent=True) from exc
-    except aiohttp.ServerTimeoutError as exc:
-        raise UpstreamError("connect-failure", sent=False) from exc
-    except aiohttp.ClientConnectionError as exc:
+    except client.SendFailed as exc:
         # Sending failed part way; when it was our own body limit, say so.
         body_error = _cause(exc, RequestBodyError)
         if body_error is not None:
             raise body_error from exc
+        raise UpstreamError("reset", sent=True) from exc
+    except ConnectionError as exc:
         raise UpstreamError("reset", sent=True) from exc
     reply_headers: CIMultiDict[str] = CIMultiDict(response.headers)
     mesh = call.upstream is not None and call.upstream.mesh
     return Reply(
         status=response.status,
         headers=reply_headers,
-        body=_stream(response),
+        # A break mid-body surfaces as ConnectionResetError.
+        body=response.body(),
         # Only a far sidecar's own code of the table passes on (never the app's text).
         reason=reasons.relayed(reply_headers.get(REASON), mesh=mesh),
         release=response.release,
@@ -118,18 +134,6 @@ def _cause(exc: BaseException, kind: type[E]) -> E | None:
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
-
-
-async def _stream(response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """The upstream body; a break mid-body surfaces as ConnectionResetError."""
-    try:
-        async for chunk in response.content.iter_any():
-            yield chunk
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError,
-            asyncio.IncompleteReadError) as exc:
-        raise ConnectionResetError("upstream broke off mid-body") from exc
-    finally:
-        response.release()
 
 
 def send_to(session: aiohttp.ClientSession) -> Handler:
