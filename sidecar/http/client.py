@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import re
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -87,7 +88,7 @@ class SendFailed(Exception):
 class Origin:
     """What one base URL means for dialling: where to connect, and the `Host` to send."""
 
-    __slots__ = ("authority", "host", "port", "tls")
+    __slots__ = ("authority", "host", "port", "prefix", "tls")
 
     def __init__(self, base_url: str) -> None:
         url = URL(base_url, encoded=True)
@@ -99,6 +100,11 @@ class Origin:
         authority = url.host_port_subcomponent
         assert authority is not None
         self.authority: str = authority
+        # A path in the base URL (`inbound.app: http://127.0.0.1:8000/api`) comes
+        # before every target, as it stands.
+        rest = base_url.partition("://")[2]
+        slash = rest.find("/")
+        self.prefix: str = "" if slash < 0 else rest[slash:]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -107,13 +113,19 @@ def origin_of(base_url: str) -> Origin:
     return Origin(base_url)
 
 
+# Control characters aiohttp refuses in a request line or header, but for CR and
+# LF, which `request_head` counts instead (its own line ends are the only ones).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def request_head(method: str, target: str, authority: str, headers: CIMultiDict[str],
                  framing: str) -> bytes:
     """The request line and headers, `Host` first (as aiohttp writes them), then
     `framing` (`Content-Length` or `Transfer-Encoding` when added).
 
-    ValueError when a name or value holds CR or LF, which aiohttp refuses too:
-    they would end the header early and smuggle another.
+    ValueError when the request line, a name or a value holds a control
+    character (tab aside), as aiohttp refuses: CR or LF would end the header
+    early and smuggle another, NUL is read differently by different servers.
     """
     parts = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n"]
     parts += [f"{name}: {value}\r\n" for name, value in headers.items()]
@@ -121,8 +133,9 @@ def request_head(method: str, target: str, authority: str, headers: CIMultiDict[
     parts.append("\r\n")
     text = "".join(parts)
     lines = len(headers) + 3 + (framing != "")
-    if text.count("\n") != lines or text.count("\r") != lines:
-        raise ValueError("CR or LF in a request header")
+    if (text.count("\n") != lines or text.count("\r") != lines
+            or _CONTROL.search(text) is not None):
+        raise ValueError("a control character in the request line or a header")
     return text.encode("utf-8")
 
 
@@ -299,17 +312,23 @@ class Connection(asyncio.Protocol):
             # Idle, it must read on: an EOF from the far side is how it learns to go.
             self.resume_reading(resume_parser=False)
 
-    def close(self) -> None:
-        """Close at once, whatever is under way (cancellation, a reply dropped unread)."""
+    def close(self, failure: Exception | None = None) -> None:
+        """Close at once, whatever is under way (cancellation, a reply dropped unread).
+
+        An answer still awaited fails with `failure`, or is cancelled without one.
+        """
         self.reusable = False
         if self._writer is not None and not self._writer.done():
             self._writer.cancel()
         head = self._head
         if head is not None:
-            if not head.done():
+            if head.done():
+                if not head.cancelled():
+                    head.exception()  # retrieved: nobody else will look
+            elif failure is not None:
+                head.set_exception(failure)
+            else:
                 head.cancel()
-            elif not head.cancelled():
-                head.exception()  # retrieved: nobody else will look
         if self.transport is not None:
             self.transport.close()
 
@@ -432,10 +451,11 @@ class Response:
 
     def __del__(self) -> None:
         # A reply lost without being released (a layer that dropped it) must not
-        # hold its connection open for ever.
-        if self._conn is not None:
+        # hold its connection, nor the body bytes buffered in it, for ever.
+        conn, self._conn = self._conn, None
+        if conn is not None:
             try:
-                self._conn.close()
+                self._pool.drop(conn)
             except RuntimeError:
                 pass  # the loop is already closed: so is the socket with it
 
@@ -466,7 +486,7 @@ class Pool:
         """
         origin = origin_of(base_url)
         extra, chunked = framing(method, headers, body)
-        head = request_head(method, target, origin.authority, headers, extra)
+        head = request_head(method, origin.prefix + target, origin.authority, headers, extra)
         key = (base_url, context if origin.tls else None, server_hostname)
         conn = self._take(key)
         if conn is None:
@@ -480,7 +500,7 @@ class Pool:
             message, payload = await answer
         except BaseException:
             # Cancelled or failed part way: the connection's state is unknown.
-            self._drop(conn)
+            self.drop(conn)
             raise
         return Response(message, payload, conn, self)
 
@@ -501,6 +521,10 @@ class Pool:
         """Idle connections held now (for tests and the bench)."""
         return sum(len(conns) for conns in self._idle.values())
 
+    def busy_count(self) -> int:
+        """Connections lent to an exchange not yet released (for tests)."""
+        return len(self._busy)
+
     def close(self) -> None:
         """Close every connection, idle or busy; later releases close theirs."""
         self._closed = True
@@ -512,7 +536,9 @@ class Pool:
             for conn in conns:
                 conn.close()
         for conn in list(self._busy):
-            conn.close()
+            # Whoever waits for an answer learns of a reset, not of a
+            # cancellation nobody asked for.
+            conn.close(ConnectionResetError("the client was closed"))
         self._busy.clear()
 
     def _take(self, key: Key) -> Connection | None:
@@ -557,7 +583,8 @@ class Pool:
                 raise IdentityRefused("the far side is another service") from exc
         return conn
 
-    def _drop(self, conn: Connection) -> None:
+    def drop(self, conn: Connection) -> None:
+        """A busy connection whose exchange cannot end well: closed, and forgotten."""
         self._busy.discard(conn)
         conn.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ssl
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -130,6 +131,29 @@ async def test_cr_or_lf_in_a_header_is_refused_before_dialling(pool: client.Pool
         with pytest.raises(ValueError):
             await send(pool, upstream.url, headers={"X-A": "1\r\nX-Smuggled: 2"})
     assert upstream.connections == 0
+
+
+@pytest.mark.parametrize("value", ["a\x00b", "a\x1bb", "a\x7fb", "a\x0bb"])
+async def test_other_control_characters_in_a_header_are_refused_before_dialling(
+        pool: client.Pool, value: str):
+    async with Scripted([]) as upstream:
+        with pytest.raises(ValueError):
+            await send(pool, upstream.url, headers={"X-A": value})
+        with pytest.raises(ValueError):
+            await send(pool, upstream.url, headers={value: "1"})
+    assert upstream.connections == 0
+
+
+async def test_a_tab_in_a_header_value_goes_as_it_is(pool: client.Pool):
+    async with Scripted([Step(OK)]) as upstream:
+        assert await read(await send(pool, upstream.url, headers={"X-A": "a\tb"})) == b"ok"
+    assert b"X-A: a\tb\r\n" in upstream.requests[0][1]
+
+
+async def test_a_path_in_the_base_url_comes_before_the_target(pool: client.Pool):
+    async with Scripted([Step(OK)]) as upstream:
+        await read(await send(pool, upstream.url + "/api"))
+    assert upstream.requests[0][1].startswith(b"GET /api/claims/7?a=%2F HTTP/1.1\r\n")
 
 
 # -- keep-alive and what ends it ------------------------------------------------
@@ -334,6 +358,27 @@ async def test_refused_and_unknown_hosts_are_connect_failures(pool: client.Pool)
         await send(pool, url)
     with pytest.raises(client.ConnectFailed):
         await send(pool, "http://no-such-host.invalid:80")
+
+
+async def test_a_reply_lost_unreleased_frees_its_connection(pool: client.Pool):
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100_000
+    async with Scripted([Step(big)]) as upstream:
+        response = await send(pool, upstream.url)
+        assert pool.busy_count() == 1
+        del response  # a layer dropped it without release: nothing holds it now
+        gc.collect()
+        assert pool.busy_count() == 0
+        await eventually(lambda: upstream.closed_by_client == 1)
+
+
+async def test_closing_the_pool_under_a_waiting_request_is_a_reset(pool: client.Pool):
+    async with Scripted([Step(None)]) as upstream:
+        task = asyncio.ensure_future(send(pool, upstream.url))
+        await eventually(lambda: len(upstream.requests) == 1)
+        pool.close()
+        with pytest.raises(ConnectionResetError):
+            await task
+        assert pool.busy_count() == 0
 
 
 async def test_closing_the_pool_closes_idle_connections(pool: client.Pool):
