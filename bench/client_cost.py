@@ -160,9 +160,9 @@ async def with_exchange(base: str) -> tuple[Send, Callable[[], Awaitable[None]]]
                     headers=CIMultiDict({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16
                                          + "-01"}), body=Body.empty())
         reply = await transport.exchange(session, call, base, connect_timeout=1.0)
-        assert not isinstance(reply.body, bytes)
-        async for _ in reply.body:
-            pass
+        if not isinstance(reply.body, bytes):  # a body that came whole is bytes already
+            async for _ in reply.body:
+                pass
         reply.discard()
         return reply.status
 

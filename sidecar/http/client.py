@@ -441,6 +441,22 @@ class Response:
         finally:
             self.release()
 
+    def arrived(self, limit: int) -> bytes | None:
+        """The whole body, if all of it (at most `limit` bytes) came with the head;
+        the connection is then released at once. Else None, and nothing is read.
+
+        A small answer is most often in the same segment as its head: relaying
+        it as one piece spares the stream's machinery per chunk.
+        """
+        payload = self._payload
+        if not payload.is_eof() or payload.exception() is not None:
+            return None
+        if payload.total_bytes > limit:
+            return None
+        data = payload.read_nowait(-1)
+        self.release()
+        return data
+
     def release(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:

@@ -25,6 +25,10 @@ from sidecar.tls.contexts import PeerMismatch
 E = TypeVar("E", bound=BaseException)
 
 MAX_RESPONSE_HEADER_LINE = 64 * 1024
+# An answer whose body came whole with its head, up to this size, is relayed as
+# one piece; statuses whose Content-Length does not describe a body they carry.
+ARRIVED_LIMIT = 64 * 1024
+NO_BODY = frozenset({204, 304})
 SKIP_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
@@ -115,11 +119,16 @@ async def exchange(session: aiohttp.ClientSession, call: Call, base_url: str, *,
         raise UpstreamError("reset", sent=True) from exc
     reply_headers: CIMultiDict[str] = CIMultiDict(response.headers)
     mesh = call.upstream is not None and call.upstream.mesh
+    whole: bytes | None = None
+    framed = "Content-Length" in reply_headers and response.status not in NO_BODY
+    if framed and call.method != "HEAD":
+        # Already here whole (and framed by its length, so its length stays true).
+        whole = response.arrived(ARRIVED_LIMIT)
     return Reply(
         status=response.status,
         headers=reply_headers,
         # A break mid-body surfaces as ConnectionResetError.
-        body=response.body(),
+        body=response.body() if whole is None else whole,
         # Only a far sidecar's own code of the table passes on (never the app's text).
         reason=reasons.relayed(reply_headers.get(REASON), mesh=mesh),
         release=response.release,

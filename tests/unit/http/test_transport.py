@@ -30,7 +30,8 @@ async def exchange(session: aiohttp.ClientSession, call: Call, url: str) -> Repl
 
 
 async def read(reply: Reply) -> bytes:
-    assert not isinstance(reply.body, bytes)
+    if isinstance(reply.body, bytes):
+        return reply.body
     async with asyncio.timeout(WITHIN):
         return b"".join([chunk async for chunk in reply.body])
 
@@ -109,3 +110,27 @@ async def test_closing_the_session_closes_the_lean_pools_connections():
         assert transport.lean_pool(session).idle_count() == 1
         await session.close()
         await eventually(lambda: upstream.closed_by_client == 1)
+
+
+async def test_a_small_body_that_came_with_its_head_is_relayed_whole_and_its_connection_freed(
+        session: aiohttp.ClientSession):
+    async with Scripted([Step(OK)]) as upstream:
+        reply = await exchange(session, make_call("/a", to=target("payer")), upstream.url)
+        assert reply.body == b"ok"
+        # Back in the pool before anyone reads: nothing of it is left on the wire.
+        assert transport.lean_pool(session).idle_count() == 1
+
+
+@pytest.mark.parametrize(("method", "answer"), [
+    ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\npa"),  # not all here yet
+    ("GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"),
+    ("GET", b"HTTP/1.1 200 OK\r\nContent-Length: 70000\r\n\r\n" + b"x" * 70000),  # too big
+    ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1024\r\n\r\n"),  # its length is not a body's
+    ("GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 1024\r\n\r\n"),
+])
+async def test_other_bodies_stream(session: aiohttp.ClientSession, method: str, answer: bytes):
+    async with Scripted([Step(answer, close=True)]) as upstream:
+        reply = await exchange(session, make_call("/a", method=method, to=target("payer")),
+                               upstream.url)
+        assert not isinstance(reply.body, bytes)
+        reply.discard()
