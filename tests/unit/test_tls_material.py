@@ -46,9 +46,13 @@ def test_new_files_make_new_contexts_and_bad_ones_are_refused(tmp_path: Path,
 
 
 def test_expiry_and_readiness_follow_the_clock(tmp_path: Path) -> None:
-    clock = FakeClock(wall=datetime.datetime.now(datetime.UTC).timestamp())
+    # Certificates keep whole seconds: issued at a whole second that the clock
+    # reads half a second later, this one has two days less half a second left,
+    # however long making the ring took.
+    issued = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    clock = FakeClock(wall=issued.timestamp() + 0.5)
     ring, tls = ring_and_tls(tmp_path, clock)
-    ring.issue("a", days=2)
+    ring.issue("a", days=2, now=issued)
     tls.reload()
     kinds = dict(tls.expiry())
     assert 1.9 * DAY < kinds["certificate"] <= 2 * DAY and kinds["ca"] > 3000 * DAY
