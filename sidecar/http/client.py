@@ -37,7 +37,7 @@ from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from sidecar.tls.contexts import MeshClientContext, PeerMismatch
+from sidecar.tls.contexts import PeerMismatch, check_far_side
 
 Body = bytes | AsyncIterator[bytes] | None
 # (base URL, TLS context or None, server name): a connection serves only calls that would
@@ -591,12 +591,10 @@ class Pool:
             raise IdentityRefused("certificate verification failed") from exc
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed(type(exc).__name__) from exc
-        if isinstance(tls, MeshClientContext):
-            try:
-                tls.check_peer(hostname, transport.get_extra_info("peercert"))
-            except PeerMismatch as exc:
-                transport.close()
-                raise IdentityRefused("the far side is another service") from exc
+        try:
+            check_far_side(tls, hostname, transport)
+        except PeerMismatch as exc:
+            raise IdentityRefused("the far side is another service") from exc
         return conn
 
     def drop(self, conn: Connection) -> None:

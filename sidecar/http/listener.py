@@ -34,7 +34,7 @@ from sidecar.config.settings import Limits
 from sidecar.http import problem
 from sidecar.http.accept import Acceptor
 from sidecar.stack import Reply
-from sidecar.tls.contexts import MeshClientContext, PeerMismatch
+from sidecar.tls.contexts import check_far_side
 
 log = logging.getLogger("sidecar.http.listener")
 
@@ -399,14 +399,7 @@ class PeerCheckingConnector(aiohttp.TCPConnector):
 
     async def _wrap_create_connection(self, *args: Any, **kwargs: Any) -> Any:
         transport, protocol = await super()._wrap_create_connection(*args, **kwargs)
-        context = kwargs.get("ssl")
-        if isinstance(context, MeshClientContext):
-            try:
-                context.check_peer(kwargs.get("server_hostname"),
-                                   transport.get_extra_info("peercert"))
-            except PeerMismatch:
-                transport.close()
-                raise
+        check_far_side(kwargs.get("ssl"), kwargs.get("server_hostname"), transport)
         return transport, protocol
 
 

@@ -47,6 +47,21 @@ class MeshClientContext(ssl.SSLContext):
             raise PeerMismatch(expected, found)
 
 
+def check_far_side(context: ssl.SSLContext | None, server_hostname: str | None,
+                   transport: asyncio.BaseTransport) -> None:
+    """Right after a handshake, before any byte of a request is written: with a mesh
+    context, PeerMismatch (and the connection closed) unless the far side's
+    certificate names `server_hostname`'s service. Both clients call it: aiohttp's
+    connector (WebSockets, health checks) and the lean one."""
+    if not isinstance(context, MeshClientContext):
+        return
+    try:
+        context.check_peer(server_hostname, transport.get_extra_info("peercert"))
+    except PeerMismatch:
+        transport.close()
+        raise
+
+
 def _mesh_files(context: ssl.SSLContext, tls: TLS) -> None:
     assert tls.ca_file and tls.cert_file and tls.key_file, "tls files are required when on"
     context.minimum_version = MIN_VERSION
