@@ -190,7 +190,7 @@ class Call:
     upstream: Target | None = None  # the routed target (routing; inbound: the app)
     endpoint: str | None = None  # this attempt's base URL (balance; inbound: the app)
     deadline: float | None = None  # monotonic time the call must end by (deadline)
-    timer: CallTimer | None = None  # the call's one timer handle (the edge; else `timed`)
+    timer: CallTimer | None = None  # the call's one timer (`timed`); who runs the call closes it
     attempts: int = 0  # attempts made (retry; inbound: 1)
     retries: int = 0  # attempts after the first (retry)
     scheme: str = "http"  # the endpoint's scheme (balance, dial_tls; inbound: the edge)
@@ -220,7 +220,11 @@ class Call:
         return self.websocket_protocols is not None
 
     def timed(self) -> CallTimer:
-        """The call's timer: the edge's, or one made now by the task running the call."""
+        """The call's timer, made on first use by the task running the call.
+
+        Whoever runs a call through a stack closes it once done with the
+        answer: the edge, the workflow engine (`workflows.calls`).
+        """
         if self.timer is None:
             self.timer = CallTimer()
         return self.timer

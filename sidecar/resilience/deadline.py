@@ -75,7 +75,6 @@ def deadline(*, clock: Clock) -> Layer:
             limit = min(limit, asked)
         ends = clock.monotonic() + limit
         call.deadline = ends if call.deadline is None else min(call.deadline, ends)
-        owned = call.timer is None
         timer = call.timed()
         timer.set(CALL, remaining(call, clock))
 
@@ -88,75 +87,60 @@ def deadline(*, clock: Clock) -> Layer:
 
         pause_while_receiving(call, timer, CALL, restart=restart, pause=pause)
         try:
-            reply = await _held(call, next, timer, owned=owned)
+            reply = await _held(call, next, timer)
         except UpstreamError as exc:
             if exc.kind != "timeout":
                 raise
             reply = None
         if reply is None:
             reply = _timed_out(call.target, limit, shortened)
-        return until_deadline(reply, timer, owned=owned)
+        return until_deadline(reply, timer)
 
     return deadline_layer
 
 
-def until_deadline(reply: Reply, timer: CallTimer, *, owned: bool) -> Reply:
+def until_deadline(reply: Reply, timer: CallTimer) -> Reply:
     """`reply`, its streamed body breaking off once the call's deadline has passed.
 
     The answer has begun by then, so there is no 504 to give: the body ends
     as `ConnectionResetError`, which the edge turns into an aborted
     connection, so a cut answer never looks complete (SPEC `upstream_reset`).
-    A timer `owned` by the layer (no edge made one) is closed with the body.
     """
     if not isinstance(reply.body, bytes):
-        reply.body = _bounded(reply.body, timer, owned=owned)
-    elif owned:
-        timer.close()
+        reply.body = _bounded(reply.body, timer)
     return reply
 
 
-async def _bounded(body: AsyncIterator[bytes], timer: CallTimer, *,
-                   owned: bool) -> AsyncIterator[bytes]:
+async def _bounded(body: AsyncIterator[bytes], timer: CallTimer) -> AsyncIterator[bytes]:
     chunks = body.__aiter__()
-    try:
-        while True:
-            # While the request body is still coming in the deadline stands
-            # still (the bound is lifted), and it restarts after.
-            timer.watch()
-            try:
-                chunk = await anext(chunks)
-            except StopAsyncIteration:
-                return
-            except asyncio.CancelledError:
-                if timer.take(CALL) is None:
-                    raise
-                raise ConnectionResetError("the call's deadline passed mid-body") from None
-            finally:
-                timer.unwatch()
-            yield chunk
-    finally:
-        if owned:
-            timer.close()
+    while True:
+        # While the request body is still coming in the deadline stands
+        # still (the bound is lifted), and it restarts after.
+        timer.watch()
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        except asyncio.CancelledError:
+            if timer.take(CALL) is None:
+                raise
+            raise ConnectionResetError("the call's deadline passed mid-body") from None
+        finally:
+            timer.unwatch()
+        yield chunk
 
 
-async def _held(call: Call, next: Handler, timer: CallTimer, *, owned: bool) -> Reply | None:
-    """`next(call)`, cut short when the call's bound on `timer` passes (then None).
-
-    A timer `owned` by the layer is closed on every way out but an answer,
-    whose body may still need it.
-    """
-    reply = None
+async def _held(call: Call, next: Handler, timer: CallTimer) -> Reply | None:
+    """`next(call)`, cut short when the call's bound on `timer` passes (then None)."""
     timer.watch()
     try:
-        reply = await next(call)
+        return await next(call)
     except asyncio.CancelledError:
         if timer.take(CALL) is None:
             raise
+        return None
     finally:
         timer.unwatch()
-        if owned and reply is None:
-            timer.close()
-    return reply
 
 
 def _timed_out(service: str, limit: float, shortened: bool) -> Reply:
@@ -204,7 +188,6 @@ def per_attempt(*, clock: Clock) -> Layer:
             held = bound if left is None else left
             margin = min(FAR_SIDE_MARGIN, held / 10)
             call.headers[TIMEOUT_MS] = str(max(1, int((held - margin) * 1000)))
-        owned = call.timer is None
         timer = call.timed()
         timer.set(ATTEMPT, bound)
 
@@ -225,10 +208,7 @@ def per_attempt(*, clock: Clock) -> Layer:
             raise UpstreamError(kind, sent=True) from None
         finally:
             timer.unwatch()
-            if owned:
-                timer.close()
-            else:
-                timer.set(ATTEMPT, None)
+            timer.set(ATTEMPT, None)
 
     return per_attempt_layer
 
@@ -286,7 +266,6 @@ def hold_deadline(*, clock: Clock = SYSTEM_CLOCK) -> Layer:
             budget = min(budget, asked)
         call.deadline = clock.monotonic() + budget
         call.attempts = 1  # the one call to the app
-        owned = call.timer is None
         timer = call.timed()
         timer.set(CALL, budget)
 
@@ -295,9 +274,9 @@ def hold_deadline(*, clock: Clock = SYSTEM_CLOCK) -> Layer:
             return budget
 
         pause_while_receiving(call, timer, CALL, restart=restart)
-        reply = await _held(call, next, timer, owned=owned)
+        reply = await _held(call, next, timer)
         if reply is None:
             raise UpstreamError("timeout", sent=True)
-        return until_deadline(reply, timer, owned=owned)
+        return until_deadline(reply, timer)
 
     return hold_deadline_layer

@@ -91,19 +91,25 @@ async def send(handler: Handler, request: Request, *, key: str, source: str,
     call = Call(direction="outbound", method=request.method, path=path, query=query,
                 headers=headers, body=Body(data=data), source=source, started=clock.monotonic(),
                 absolute_host=request.service, workflow=workflow, step=step)
+    # The call's one timer is this function's, as the edge's is the edge's:
+    # made here, closed once the answer is read.
+    timer = call.timed()
     try:
-        reply = await handler(call)
-    except BaseException:
-        # Cancelled (the sidecar is stopping): the step resumes after the restart.
-        span.set_attributes({"peer.service": request.service, "error.type": "cancelled"})
-        span.set_status(Status(StatusCode.ERROR))
-        span.end()
-        raise
-    body = None
-    if want_body and 200 <= reply.status < 300:
-        body = await _json_of(reply)
-    else:
-        reply.discard()
+        try:
+            reply = await handler(call)
+        except BaseException:
+            # Cancelled (the sidecar is stopping): the step resumes after the restart.
+            span.set_attributes({"peer.service": request.service, "error.type": "cancelled"})
+            span.set_status(Status(StatusCode.ERROR))
+            span.end()
+            raise
+        body = None
+        if want_body and 200 <= reply.status < 300:
+            body = await _json_of(reply)
+        else:
+            reply.discard()
+    finally:
+        timer.close()
     retry = call.upstream.policy.retry if call.upstream is not None else RetryPolicy()
     result = Result(reply.status, reply.reason, call.attempts, retry, body)
     _finish(span, request.service, result)
