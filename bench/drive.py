@@ -4,6 +4,7 @@ calls at a fixed concurrency, their latencies, and one line of figures."""
 from __future__ import annotations
 
 import asyncio
+import resource
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -62,3 +63,9 @@ def report(name: str, latencies: list[float], elapsed: float, cpu: float | None 
     per = f"   {cpu / len(ordered) * 1e6:5.0f} µs CPU/req" if cpu is not None else ""
     print(f"{name:<36} {len(ordered) / elapsed:>8.0f} /s   p50 {p50:7.2f} ms   "
           f"p99 {p99:7.2f} ms{per}")
+
+
+def report_peak_rss() -> None:
+    """The peak RSS of the largest child process so far (the sidecars this run started)."""
+    print(f"peak RSS of the largest sidecar process: "
+          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")

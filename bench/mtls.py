@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 from bench import upstream
-from bench.drive import cpu_seconds, get, load, report
+from bench.drive import cpu_seconds, get, load, report, report_peak_rss
 from deploy.process import CertRing, KeyRing, SidecarProcess
 from sidecar.config.settings import TLS
 from sidecar.tls.contexts import client_context, server_context
@@ -82,8 +81,7 @@ async def main(requests: int, concurrency: int) -> None:
                 await sidecar.stop()
     print(f"one mTLS handshake (a new connection), both ends: "
           f"{await handshake_cpu(ring) * 1000:.1f} ms CPU")
-    print(f"peak RSS of the largest sidecar process: "
-          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
+    report_peak_rss()
 
 
 if __name__ == "__main__":

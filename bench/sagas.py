@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import aiohttp
 
 from bench import upstream
-from bench.drive import Call, cpu_seconds, get, load, report
+from bench.drive import Call, cpu_seconds, get, load, report, report_peak_rss
 from deploy.process import KeyRing, SidecarProcess
 
 SAGA = {"name": "bench", "steps": [
@@ -95,8 +94,7 @@ async def main(requests: int, concurrency: int, sagas: int) -> None:
         finally:
             for sidecar in reversed(sidecars):
                 await sidecar.stop()
-    print(f"peak RSS of the largest sidecar process: "
-          f"{resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f} MiB")
+    report_peak_rss()
 
 
 if __name__ == "__main__":
