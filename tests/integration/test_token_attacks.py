@@ -7,8 +7,10 @@ leave the sidecar serving the next valid call.
 
 The caller is `kiosk` (the policy allows it `/claims/*`); `other` is a mesh
 service too, whose key is in the JWKS. Tokens are made by hand, byte for
-byte, just before they are sent, so the time boundaries are ±1 s around the
-sidecar's 30 s `clock_skew`.
+byte, just before they are sent. Their times are whole seconds MARGIN (2 s)
+either side of the sidecar's 30 s `clock_skew`, rounded away from the
+boundary, so a token still lands on its side when the sidecar reads its clock
+up to MARGIN seconds after the test read its own.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -45,6 +48,7 @@ pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
 
 CALLER, TARGET, OTHER = "kiosk", "b", "other"
 SKEW, MAX_TTL = 30, 300
+MARGIN = 2
 TOKEN = b"x-service-token"
 
 Headers = list[tuple[bytes, bytes]]
@@ -158,6 +162,24 @@ def now() -> int:
     return int(time.time())
 
 
+def ahead(seconds: int) -> int:
+    """`seconds` from this moment (negative: in the past), rounded up to a whole second."""
+    return math.ceil(time.time()) + seconds
+
+
+def behind(seconds: int) -> int:
+    """`seconds` before this moment, rounded down to a whole second."""
+    return math.floor(time.time()) - seconds
+
+
+def lifetime(seconds: int) -> Callable[[Forge], str]:
+    """A token living exactly `seconds`, from one reading of the clock."""
+    def make(f: Forge) -> str:
+        issued = now()
+        return f.signed(payload=f.claims(iat=issued, exp=issued + seconds))
+    return make
+
+
 ATTACKS = [
     # -- the algorithm is the key's, never the token's -------------------------------------
     *[attack(f"alg-{alg}", lambda f, alg=alg: f.signing_input(f.header(alg=alg)) + ".")
@@ -191,14 +213,13 @@ ATTACKS = [
     attack("exp-missing", lambda f: f.signed(payload=f.claims(exp=None))),
     attack("iat-missing", lambda f: f.signed(payload=f.claims(iat=None))),
     attack("expired-beyond-skew",
-           lambda f: f.signed(payload=f.claims(iat=now() - 91, exp=now() - SKEW - 1))),
+           lambda f: f.signed(payload=f.claims(iat=behind(91), exp=behind(SKEW + MARGIN)))),
     attack("iat-future-beyond-skew",
-           lambda f: f.signed(payload=f.claims(iat=now() + SKEW + 1, exp=now() + 91))),
+           lambda f: f.signed(payload=f.claims(iat=ahead(SKEW + MARGIN), exp=ahead(91)))),
     attack("nbf-future-beyond-skew",
-           lambda f: f.signed(payload=f.claims(nbf=now() + SKEW + 1))),
+           lambda f: f.signed(payload=f.claims(nbf=ahead(SKEW + MARGIN)))),
     attack("exp-before-iat", lambda f: f.signed(payload=f.claims(iat=now(), exp=now() - 100))),
-    attack("ttl-over-max",
-           lambda f: f.signed(payload=f.claims(iat=now(), exp=now() + MAX_TTL + 1))),
+    attack("ttl-over-max", lifetime(MAX_TTL + 1)),
     attack("ttl-far-over-max",
            lambda f: f.signed(payload=f.claims(iat=now() - 10, exp=now() + 10**9))),
     # -- numbers that do not fit -----------------------------------------------------------
@@ -269,11 +290,11 @@ def embedded_jwk(forge: Forge) -> str:
 
 # Just inside each boundary: these must pass, or the attacks above prove nothing.
 ACCEPTED = {
-    "expired-within-skew": lambda f: f.signed(payload=f.claims(iat=now() - 89,
-                                                               exp=now() - SKEW + 1)),
-    "iat-future-within-skew": lambda f: f.signed(payload=f.claims(iat=now() + SKEW - 1,
-                                                                  exp=now() + 89)),
-    "ttl-exactly-max": lambda f: f.signed(payload=f.claims(iat=now(), exp=now() + MAX_TTL)),
+    "expired-within-skew": lambda f: f.signed(payload=f.claims(
+        iat=behind(89), exp=ahead(MARGIN - SKEW))),
+    "iat-future-within-skew": lambda f: f.signed(payload=f.claims(
+        iat=now() + SKEW - MARGIN, exp=ahead(89))),
+    "ttl-exactly-max": lifetime(MAX_TTL),
     "audience-list-of-one": lambda f: f.signed(payload=f.claims(aud=[TARGET])),
     "kid-other-letter-case": lambda f: f.signed(f.header(kid="KIOSK")),
 }
