@@ -22,6 +22,8 @@ DEFAULT_METHOD = "POST"
 # Methods a workflow call may use: no tunnels, no loops back (CONNECT, TRACE).
 METHODS = frozenset(names.HTTP_METHODS - {"CONNECT", "TRACE"})
 MAX_PATH = 2048
+# What a request target may hold as written (RFC 3986 wants the rest percent-encoded).
+_VISIBLE_ASCII = re.compile(r"[!-~]*")
 _KEY = re.compile(r"[a-z_][a-z0-9_]{0,31}")
 NAME_RULE = "lowercase letters, '_' and '-', at most 32 characters, one digit at the end allowed"
 
@@ -191,6 +193,11 @@ def _path(raw: Any, where: str, problems: Problems, *, earlier: list[str] | None
     _check_refs(refs, where, earlier or [], problems)
     # The path as it will be sent, with a stand-in for each value.
     sample = templating.render(Request("", "GET", raw), _stand_ins(refs)).path
+    if not _VISIBLE_ASCII.fullmatch(sample):
+        # It goes on the request line as written (values are percent-encoded).
+        problems.add(where, "must be visible ASCII (percent-encode spaces, control and "
+                            "non-ASCII characters)")
+        return raw
     try:
         paths.normalise(sample.split("?", 1)[0])
     except paths.BadPath as exc:

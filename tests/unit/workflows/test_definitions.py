@@ -107,3 +107,25 @@ def test_fanout_definitions() -> None:
         "path: a fan-out has no earlier steps to take values from",
         "path: a template names a step that does not come before it",
     ]
+
+
+@pytest.mark.parametrize("path", [
+    "/claims?note=a b", "/claims?x=\x01", "/claims?x=\x7f", "/claims/a b", "/claims?who=é",
+    "/claims/\u00e9", "/claims?x=1\r\nX-Injected: 1",
+])
+def test_a_path_must_be_sendable_as_written(path: str) -> None:
+    """A step's path goes on the request line as written: a space, a control
+    character or a non-ASCII one there would break the line (or smuggle a
+    header), so it is refused when the saga is defined, not when the step runs."""
+    errors, _ = problems({"name": "a", "steps": [
+        {"name": "x", "action": {"service": "billing-engine", "path": path}}]})
+    assert errors == ["steps[0].action.path: must be visible ASCII (percent-encode spaces, "
+                      "control and non-ASCII characters)"]
+
+
+def test_a_percent_encoded_path_and_query_are_kept() -> None:
+    path = "/claims/%C3%A9?note=a%20b&x=%01&k=v|w"
+    saga = parse_saga({"name": "a", "steps": [
+        {"name": "x", "action": {"service": "billing-engine", "path": path}}]},
+        services=SERVICES, max_steps=20)
+    assert saga.steps[0].action.path == path
