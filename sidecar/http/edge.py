@@ -138,8 +138,11 @@ async def _write(request: web.BaseRequest, reply: Reply, *, timer: CallTimer,
     length = headers.popall("Content-Length", None)
     if extra is not None:
         extra(reply, headers)
-    response = listener.StreamAnswer(status=reply.status, headers=headers)
     head = request.method == "HEAD"
+    # A body in hand goes out with the head in one write: one send() less per
+    # answer. A streamed one sends its head at once, whenever its body comes.
+    kind = listener.WholeAnswer if head or isinstance(reply.body, bytes) else listener.StreamAnswer
+    response = kind(status=reply.status, headers=headers)
     if isinstance(reply.body, bytes):
         response.content_length = len(reply.body)
     elif length and not head:

@@ -10,8 +10,9 @@ request becomes a call.
 
 This is the one module that touches aiohttp's private attributes (the
 protocol's parser state, a site's server, the client session's hidden
-resend, the headers a response adds as it starts): each is named and
-explained here, so an aiohttp upgrade has one place to check.
+resend, the headers a response adds as it starts and when it sends them):
+each is named and explained here, so an aiohttp upgrade has one place to
+check.
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ class StreamAnswer(web.StreamResponse):
         await super()._prepare_headers()
         for name in absent:
             self.headers.popall(name, None)
+
+
+class WholeAnswer(StreamAnswer):
+    """A `StreamAnswer` whose body is in hand: its head goes out with the body in one
+    write (aiohttp holds the head back when `_send_headers_immediately` is off, as
+    its own `Response` does), where a streamed answer sends its head at once."""
+
+    _send_headers_immediately = False
 
 
 class Answer(StreamAnswer, web.Response):
