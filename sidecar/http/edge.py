@@ -212,7 +212,8 @@ async def serve(request: web.BaseRequest, handler: Handler, direction: Direction
             timer.close()
             headers: CIMultiDict[str] = CIMultiDict()
             extra(call, reply, headers)
-            return await websocket.relay(request, reply, headers=headers)
+            return await websocket.relay(request, reply, headers=headers,
+                                         max_message=body_limit)
         # After a refused upgrade the client may already be speaking the other
         # protocol: nothing more on this connection is read as HTTP.
         refused_upgrade = hdrs.UPGRADE in request.headers

@@ -145,10 +145,11 @@ def _cause(exc: BaseException, kind: type[E]) -> E | None:
     return None
 
 
-def send_to(session: aiohttp.ClientSession) -> Handler:
+def send_to(session: aiohttp.ClientSession, *, max_message: int) -> Handler:
     """Terminal handler: sends each call to `call.endpoint`, within the connect
     timeout of `call.upstream` (outbound, `balance` chose the endpoint; inbound,
-    it is the app)."""
+    it is the app). A WebSocket's messages from upstream are held to `max_message`
+    bytes."""
 
     async def send(call: Call) -> Reply:
         assert call.upstream is not None and call.endpoint is not None, "call not routed"
@@ -156,7 +157,8 @@ def send_to(session: aiohttp.ClientSession) -> Handler:
         if call.websocket:
             try:
                 return await websocket.connect(session, call, call.endpoint,
-                                               connect_timeout=connect_timeout)
+                                               connect_timeout=connect_timeout,
+                                               max_message=max_message)
             except (aiohttp.ClientConnectorCertificateError, PeerMismatch) as exc:
                 raise UpstreamError("identity-mismatch", sent=False) from exc
             except aiohttp.ClientConnectorError as exc:

@@ -5,6 +5,11 @@ opens the upstream WebSocket and returns a 101 `Reply` holding it; the edge
 accepts the client's upgrade and relays frames both ways until either side
 closes. Other upgrades (h2c) are never forwarded: `Upgrade` is hop-by-hop and
 is removed like any other.
+
+A message is relayed once whole, so each is held in memory: a message over
+`max_message` bytes (`limits.max_request_body`) either way closes that side
+with 1009 (message too big), and the other side with the same code, rather
+than buffering without end.
 """
 
 from __future__ import annotations
@@ -27,6 +32,13 @@ HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extens
              "Sec-WebSocket-Protocol", "Host")
 
 
+def _reader_limit(max_message: int) -> int:
+    """aiohttp's `max_msg_size` for messages of at most `max_message` bytes: it refuses
+    a message of `max_msg_size` or more, from the frame's header on, before
+    buffering any of it; 0 would mean no limit, and it holds at most 2^32 - 1."""
+    return min(max_message + 1, 2**32 - 1)
+
+
 def is_upgrade(request: web.BaseRequest) -> bool:
     upgrade = request.headers.get("Upgrade", "").lower()
     connection = request.headers.get("Connection", "").lower()
@@ -34,7 +46,7 @@ def is_upgrade(request: web.BaseRequest) -> bool:
 
 
 async def connect(session: aiohttp.ClientSession, call: Call, base_url: str, *,
-                  connect_timeout: float) -> Reply:
+                  connect_timeout: float, max_message: int) -> Reply:
     """Open the upstream WebSocket; a refused handshake comes back as its status."""
     protocols = list(call.websocket_protocols or ())
     headers = forwardable(call.headers, drop=HANDSHAKE, drop_sidecar=False)
@@ -42,7 +54,8 @@ async def connect(session: aiohttp.ClientSession, call: Call, base_url: str, *,
     try:
         upstream = await session.ws_connect(
             url, headers=headers, protocols=protocols, autoclose=False, autoping=True,
-            timeout=aiohttp.ClientWSTimeout(ws_close=5.0), max_msg_size=0,
+            timeout=aiohttp.ClientWSTimeout(ws_close=5.0),
+            max_msg_size=_reader_limit(max_message),
             ssl=call.ssl_context or True, server_hostname=call.server_name,
         )
     except aiohttp.WSServerHandshakeError as exc:
@@ -63,13 +76,13 @@ async def connect(session: aiohttp.ClientSession, call: Call, base_url: str, *,
 
 
 async def relay(request: web.BaseRequest, reply: Reply, *,
-                headers: CIMultiDict[str]) -> web.StreamResponse:
+                headers: CIMultiDict[str], max_message: int) -> web.StreamResponse:
     """Accept the client's upgrade (with `headers`) and relay frames until either side closes."""
     upstream = reply.upgrade
     assert upstream is not None, "relay takes a 101 reply"
     client = listener.WebSocketAnswer(
         protocols=(upstream.protocol,) if upstream.protocol else (), autoclose=False,
-        max_msg_size=0,
+        max_msg_size=_reader_limit(max_message),
     )
     client.headers.extend(headers)
     await client.prepare(request)

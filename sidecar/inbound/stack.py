@@ -76,5 +76,5 @@ def build(
         to_app(app=app),
         # The caller's x-sidecar-timeout-ms (what is left of its deadline) bounds the app call.
         hold_deadline(clock=clock),
-        terminal=transport.send_to(session),
+        terminal=transport.send_to(session, max_message=limits.max_request_body),
     )

@@ -89,5 +89,5 @@ def build(
         dial_tls(mesh=mesh_tls, outside=outside_tls),
         # Bounds one attempt and tells the far sidecar how long it has.
         deadline.per_attempt(clock=clock),
-        terminal=transport.send_to(session),
+        terminal=transport.send_to(session, max_message=limits.max_request_body),
     )

@@ -50,3 +50,59 @@ async def test_websocket_relays_frames_after_identity_and_policy(make_mesh, upst
             await session.ws_connect(b.inbound_url.replace("http", "ws") + "/ws")
         assert missing.value.status == 401
     assert callers == ["a"]
+
+
+LIMIT = 64 * 1024  # limits.max_request_body here: the most one message may hold
+
+
+async def test_a_message_over_the_body_limit_closes_with_1009_either_way(make_mesh, upstreams):
+    """A message is relayed once whole, so each is held in memory: one over
+    limits.max_request_body closes the socket with 1009 rather than buffering
+    without end, in either direction, and the sidecars serve on."""
+    mesh = make_mesh(["a", "b"])
+    app_b = await upstreams().start()
+    closes: list[int | None] = []
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(max_msg_size=0)
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type == aiohttp.WSMsgType.TEXT and message.data.startswith("send "):
+                await ws.send_bytes(b"x" * int(message.data.split()[1]))
+            elif message.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_str(f"got {len(message.data)}")
+        closes.append(ws.close_code)
+        return ws
+
+    app_b.script = echo
+    limits = {"max_request_body": LIMIT}
+    b = mesh.sidecar("b", limits=limits,
+                     inbound={"app": app_b.url, "policy": [{"from": ["a"], "paths": ["/ws"]}]})
+    await b.start()
+    a = mesh.sidecar("a", limits=limits, services={"b": {"endpoints": [b.inbound_url]}})
+    await a.start()
+    url = a.outbound_url.replace("http", "ws") + "/b/ws"
+    async with aiohttp.ClientSession() as session:
+        # Up to the limit, both ways.
+        async with session.ws_connect(url, max_msg_size=0) as ws:
+            await ws.send_bytes(b"y" * LIMIT)
+            assert (await ws.receive(timeout=10)).data == f"got {LIMIT}"
+            await ws.send_str(f"send {LIMIT}")
+            assert len((await ws.receive(timeout=10)).data) == LIMIT
+        # One byte over, from the client: the relay closes with 1009.
+        async with session.ws_connect(url, max_msg_size=0) as ws:
+            await ws.send_bytes(b"y" * (LIMIT + 1))
+            answer = await ws.receive(timeout=10)
+            assert answer.type == aiohttp.WSMsgType.CLOSE, answer
+            assert answer.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        # One byte over, from the app: the client is told 1009 as well.
+        async with session.ws_connect(url, max_msg_size=0) as ws:
+            await ws.send_str(f"send {LIMIT + 1}")
+            answer = await ws.receive(timeout=10)
+            assert answer.type == aiohttp.WSMsgType.CLOSE, answer
+            assert answer.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        # And the path still serves.
+        async with session.ws_connect(url) as ws:
+            await ws.send_bytes(b"z")
+            assert (await ws.receive(timeout=10)).data == "got 1"
+    assert len(closes) >= 3
