@@ -87,16 +87,27 @@ async def relay(request: web.BaseRequest, reply: Reply, *,
     client.headers.extend(headers)
     await client.prepare(request)
 
+    # The first side to close names the code both are closed with.
+    codes: list[int] = []
+
     async def pipe(source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
                    sink: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> None:
-        async for message in source:
+        while True:
+            message = await source.receive()
             if message.type == aiohttp.WSMsgType.TEXT:
                 await sink.send_str(message.data)
             elif message.type == aiohttp.WSMsgType.BINARY:
                 await sink.send_bytes(message.data)
-            elif message.type == aiohttp.WSMsgType.CLOSE:
+            else:
                 break
-        await sink.close(code=source.close_code or aiohttp.WSCloseCode.OK)
+        # The code the source closed with: the one it sent (CLOSE), or the one
+        # aiohttp closed it with after a protocol error or a message too big
+        # (ERROR: 1002, 1009), by when `close_code` may be that close's echo.
+        code = message.data if message.type == aiohttp.WSMsgType.CLOSE else None
+        if message.type == aiohttp.WSMsgType.ERROR:
+            code = getattr(message.data, "code", None)
+        codes.append(code or source.close_code or aiohttp.WSCloseCode.OK)
+        await sink.close(code=codes[0])
 
     both = [asyncio.ensure_future(pipe(client, upstream)),
             asyncio.ensure_future(pipe(upstream, client))]
@@ -106,6 +117,10 @@ async def relay(request: web.BaseRequest, reply: Reply, *,
         for task in both:
             task.cancel()
         await asyncio.gather(*both, return_exceptions=True)
-        await upstream.close()
-        await client.close()
+        # Closing one side wakes the pipe reading it, which may end first and
+        # cancel the other before its close went out: both are closed here
+        # with the first code.
+        code = codes[0] if codes else aiohttp.WSCloseCode.OK
+        await upstream.close(code=code)
+        await client.close(code=code)
     return client

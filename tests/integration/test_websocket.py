@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import pytest
 from aiohttp import web
@@ -55,6 +57,14 @@ async def test_websocket_relays_frames_after_identity_and_policy(make_mesh, upst
 LIMIT = 64 * 1024  # limits.max_request_body here: the most one message may hold
 
 
+async def closed_with(closes: list[int | None], count: int) -> int | None:
+    """The code the app's `count`-th socket was closed with, once it is closed."""
+    async with asyncio.timeout(10):
+        while len(closes) < count:
+            await asyncio.sleep(0.02)
+    return closes[count - 1]
+
+
 async def test_a_message_over_the_body_limit_closes_with_1009_either_way(make_mesh, upstreams):
     """A message is relayed once whole, so each is held in memory: one over
     limits.max_request_body closes the socket with 1009 rather than buffering
@@ -89,20 +99,23 @@ async def test_a_message_over_the_body_limit_closes_with_1009_either_way(make_me
             assert (await ws.receive(timeout=10)).data == f"got {LIMIT}"
             await ws.send_str(f"send {LIMIT}")
             assert len((await ws.receive(timeout=10)).data) == LIMIT
+        assert await closed_with(closes, 1) == aiohttp.WSCloseCode.OK
         # One byte over, from the client: the relay closes with 1009.
         async with session.ws_connect(url, max_msg_size=0) as ws:
             await ws.send_bytes(b"y" * (LIMIT + 1))
             answer = await ws.receive(timeout=10)
             assert answer.type == aiohttp.WSMsgType.CLOSE, answer
             assert answer.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        # ... and so is the app.
+        assert await closed_with(closes, 2) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
         # One byte over, from the app: the client is told 1009 as well.
         async with session.ws_connect(url, max_msg_size=0) as ws:
             await ws.send_str(f"send {LIMIT + 1}")
             answer = await ws.receive(timeout=10)
             assert answer.type == aiohttp.WSMsgType.CLOSE, answer
             assert answer.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        assert await closed_with(closes, 3) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
         # And the path still serves.
         async with session.ws_connect(url) as ws:
             await ws.send_bytes(b"z")
             assert (await ws.receive(timeout=10)).data == "got 1"
-    assert len(closes) >= 3
