@@ -9,7 +9,8 @@ is removed like any other.
 A message is relayed once whole, so each is held in memory: a message over
 `max_message` bytes (`limits.max_request_body`) either way closes that side
 with 1009 (message too big), and the other side with the same code, rather
-than buffering without end.
+than buffering without end. Both sides are closed with the code the first
+side closed with, made one a close frame may carry (`sendable`).
 """
 
 from __future__ import annotations
@@ -92,21 +93,34 @@ async def relay(request: web.BaseRequest, reply: Reply, *,
 
     async def pipe(source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
                    sink: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> None:
-        while True:
-            message = await source.receive()
-            if message.type == aiohttp.WSMsgType.TEXT:
-                await sink.send_str(message.data)
-            elif message.type == aiohttp.WSMsgType.BINARY:
-                await sink.send_bytes(message.data)
-            else:
-                break
-        # The code the source closed with: the one it sent (CLOSE), or the one
-        # aiohttp closed it with after a protocol error or a message too big
-        # (ERROR: 1002, 1009), by when `close_code` may be that close's echo.
-        code = message.data if message.type == aiohttp.WSMsgType.CLOSE else None
-        if message.type == aiohttp.WSMsgType.ERROR:
-            code = getattr(message.data, "code", None)
-        codes.append(code or source.close_code or aiohttp.WSCloseCode.OK)
+        code: int | None = None
+        try:
+            while True:
+                message = await source.receive()
+                if message.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
+                    break
+                if len(message.data) > max_message:
+                    # Only a compressed message gets here: aiohttp bounds it
+                    # once inflated, at one byte more than the limit.
+                    code = aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+                    break
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    await sink.send_str(message.data)
+                else:
+                    await sink.send_bytes(message.data)
+        except Exception:
+            codes.append(aiohttp.WSCloseCode.INTERNAL_ERROR)
+            raise
+        if code is None:
+            # The code the source closed with: the one it sent (CLOSE), or the one
+            # aiohttp closed it with after a protocol error or a message too big
+            # (ERROR: 1002, 1009), by when `close_code` may be that close's echo.
+            if message.type == aiohttp.WSMsgType.CLOSE:
+                code = message.data
+            elif message.type == aiohttp.WSMsgType.ERROR:
+                code = getattr(message.data, "code", None)
+            code = code or source.close_code
+        codes.append(sendable(code))
         await sink.close(code=codes[0])
 
     both = [asyncio.ensure_future(pipe(client, upstream)),
@@ -120,7 +134,28 @@ async def relay(request: web.BaseRequest, reply: Reply, *,
         # Closing one side wakes the pipe reading it, which may end first and
         # cancel the other before its close went out: both are closed here
         # with the first code.
-        code = codes[0] if codes else aiohttp.WSCloseCode.OK
+        code = codes[0] if codes else aiohttp.WSCloseCode.INTERNAL_ERROR
         await upstream.close(code=code)
         await client.close(code=code)
     return client
+
+
+# Codes RFC 6455 (7.4) lets an endpoint put in a close frame: the defined ones
+# and those for libraries (3000-3999) and applications (4000-4999).
+_SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
+
+
+def sendable(code: int | None) -> int:
+    """The close code to pass on for `code`, one a close frame may carry.
+
+    No code (1005) is a normal close; a connection lost without one (1006) is
+    the other side gone (1001); what may not be sent (1015, reserved or out of
+    range) is an internal error (1011).
+    """
+    if code is None or code == 1005:
+        return aiohttp.WSCloseCode.OK
+    if code == aiohttp.WSCloseCode.ABNORMAL_CLOSURE:
+        return aiohttp.WSCloseCode.GOING_AWAY
+    if code in _SENDABLE or 3000 <= code <= 4999:
+        return code
+    return aiohttp.WSCloseCode.INTERNAL_ERROR

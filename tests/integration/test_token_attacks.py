@@ -7,10 +7,13 @@ leave the sidecar serving the next valid call.
 
 The caller is `kiosk` (the policy allows it `/claims/*`); `other` is a mesh
 service too, whose key is in the JWKS. Tokens are made by hand, byte for
-byte, just before they are sent. Their times are whole seconds MARGIN (2 s)
-either side of the sidecar's 30 s `clock_skew`, rounded away from the
-boundary, so a token still lands on its side when the sidecar reads its clock
-up to MARGIN seconds after the test read its own.
+byte, just before they are sent, with times in whole seconds 1 s either side
+of the sidecar's 30 s `clock_skew`. The sidecar reads its clock after the
+test did: that only helps a time already past the boundary (an `exp` beyond
+the skew, an `iat` or `nbf` within it), which are rounded down; the others (an
+`exp` within the skew, an `iat` or `nbf` beyond it) are rounded up and set
+MARGIN (2 s) out, so they still land on their side if the sidecar reads its
+clock up to MARGIN seconds later.
 """
 
 from __future__ import annotations
@@ -213,7 +216,7 @@ ATTACKS = [
     attack("exp-missing", lambda f: f.signed(payload=f.claims(exp=None))),
     attack("iat-missing", lambda f: f.signed(payload=f.claims(iat=None))),
     attack("expired-beyond-skew",
-           lambda f: f.signed(payload=f.claims(iat=behind(91), exp=behind(SKEW + MARGIN)))),
+           lambda f: f.signed(payload=f.claims(iat=behind(91), exp=behind(SKEW + 1)))),
     attack("iat-future-beyond-skew",
            lambda f: f.signed(payload=f.claims(iat=ahead(SKEW + MARGIN), exp=ahead(91)))),
     attack("nbf-future-beyond-skew",
@@ -293,7 +296,8 @@ ACCEPTED = {
     "expired-within-skew": lambda f: f.signed(payload=f.claims(
         iat=behind(89), exp=ahead(MARGIN - SKEW))),
     "iat-future-within-skew": lambda f: f.signed(payload=f.claims(
-        iat=now() + SKEW - MARGIN, exp=ahead(89))),
+        iat=now() + SKEW - 1, exp=ahead(89))),
+    "nbf-future-within-skew": lambda f: f.signed(payload=f.claims(nbf=now() + SKEW - 1)),
     "ttl-exactly-max": lifetime(MAX_TTL),
     "audience-list-of-one": lambda f: f.signed(payload=f.claims(aud=[TARGET])),
     "kid-other-letter-case": lambda f: f.signed(f.header(kid="KIOSK")),

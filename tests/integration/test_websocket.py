@@ -8,6 +8,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from sidecar.http import websocket
+
 pytestmark = pytest.mark.timeout(60)
 
 
@@ -89,7 +91,10 @@ async def test_a_message_over_the_body_limit_closes_with_1009_either_way(make_me
     b = mesh.sidecar("b", limits=limits,
                      inbound={"app": app_b.url, "policy": [{"from": ["a"], "paths": ["/ws"]}]})
     await b.start()
-    a = mesh.sidecar("a", limits=limits, services={"b": {"endpoints": [b.inbound_url]}})
+    a = mesh.sidecar("a", limits=limits, services={
+        "b": {"endpoints": [b.inbound_url]},
+        # Outside the mesh: straight to the app, whose socket takes any size.
+        "direct": {"endpoints": [app_b.url], "mesh": False}})
     await a.start()
     url = a.outbound_url.replace("http", "ws") + "/b/ws"
     async with aiohttp.ClientSession() as session:
@@ -115,7 +120,26 @@ async def test_a_message_over_the_body_limit_closes_with_1009_either_way(make_me
             assert answer.type == aiohttp.WSMsgType.CLOSE, answer
             assert answer.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
         assert await closed_with(closes, 3) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        # Compressed, a message is bounded once inflated: one byte over is 1009 too, at
+        # the first sidecar (in the mesh the next would refuse it as well).
+        direct = a.outbound_url.replace("http", "ws") + "/direct/ws"
+        async with session.ws_connect(direct, max_msg_size=0, compress=15) as ws:
+            await ws.send_bytes(b"y" * (LIMIT + 1))
+            answer = await ws.receive(timeout=10)
+            assert answer.type == aiohttp.WSMsgType.CLOSE, answer
+            assert answer.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        assert await closed_with(closes, 4) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
         # And the path still serves.
         async with session.ws_connect(url) as ws:
             await ws.send_bytes(b"z")
             assert (await ws.receive(timeout=10)).data == "got 1"
+
+
+@pytest.mark.parametrize(("code", "sent"), [
+    (None, 1000), (1005, 1000), (1006, 1001), (1015, 1011), (999, 1011), (1004, 1011),
+    (2999, 1011), (5000, 1011), (1000, 1000), (1009, 1009), (1014, 1014), (3000, 3000),
+    (4999, 4999),
+])
+def test_only_codes_a_close_frame_may_carry_are_passed_on(code: int | None, sent: int) -> None:
+    """RFC 6455 7.4: 1005, 1006 and 1015 say what happened and are never sent."""
+    assert websocket.sendable(code) == sent

@@ -5,7 +5,7 @@ before any of its body has come."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import pytest
 from aiohttp import web
@@ -29,13 +29,19 @@ class Written:
     def spy(self, request: web.BaseRequest) -> None:
         transport = request.transport
         assert transport is not None
-        write = transport.write
+        write, writelines = transport.write, transport.writelines
 
         def recording(data: bytes | bytearray | memoryview) -> None:
             self.writes.append(bytes(data))
             write(data)
 
+        def recording_lines(lines: Iterable[bytes | bytearray | memoryview]) -> None:
+            lines = list(lines)
+            self.writes.append(b"".join(lines))
+            writelines(lines)
+
         transport.write = recording  # type: ignore[method-assign]
+        transport.writelines = recording_lines  # type: ignore[method-assign]
 
 
 async def serving(make_reply: Callable[[], Reply], written: Written) -> listener.Listener:
@@ -59,10 +65,11 @@ async def ask(server: listener.Listener, method: str = "GET") -> tuple[
     return reader, writer
 
 
-@pytest.mark.parametrize("method", ["GET", "HEAD"])
-async def test_an_answer_in_hand_goes_out_in_one_write(method: str) -> None:
+@pytest.mark.parametrize(("method", "size"), [("GET", 50), ("HEAD", 50), ("GET", 5000)])
+async def test_an_answer_in_hand_goes_out_in_one_write(method: str, size: int) -> None:
+    """(aiohttp joins a small answer into one `write`, a larger one goes to `writelines`.)"""
     written = Written()
-    body = b'{"claim": "accepted"}' * 50
+    body = b'{"claim": "accepted"}' * size
     server = await serving(lambda: Reply(200, CIMultiDict({"Content-Type": "application/json"}),
                                          body), written)
     try:
