@@ -202,7 +202,7 @@ def _path(raw: Any, where: str, problems: Problems, *, earlier: list[str] | None
         paths.normalise(sample.split("?", 1)[0])
     except paths.BadPath as exc:
         problems.add(where, f"must be a valid path ({exc})")
-    if "#" in raw:
+    if "#" in sample:
         problems.add(where, "must not hold a fragment ('#')")
     return raw
 

@@ -80,7 +80,10 @@ async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, int
     """`app` on 127.0.0.1:`port` (0: a free one); its runner and the port it has."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    # As deep as the sidecar's own listener (1024): tests put a few hundred calls at an
+    # app at once, and an accept queue that overflows (aiohttp's default is 128) drops
+    # SYNs, which come again only after the 1 s connect timeout.
+    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024)
     await site.start()
     if port == 0:
         server = site._server

@@ -307,6 +307,17 @@ async def test_a_failing_block_still_removes_its_namespaces_and_hosts_files() ->
     assert not [ns for ns in layout.all_namespaces if (netns.ETC_NETNS / ns).exists()]
 
 
+async def inside(namespace: str, pid: int, within: float = 10.0) -> None:
+    """Until `ip netns pids` lists `pid` in `namespace`."""
+    async with asyncio.timeout(within):
+        while True:
+            listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True,
+                                    text=True, timeout=within, check=False).stdout.split()
+            if str(pid) in listed:
+                return
+            await asyncio.sleep(0.05)
+
+
 async def test_a_sweep_removes_what_a_killed_run_left_with_its_processes() -> None:
     gone = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"],
@@ -322,6 +333,9 @@ async def test_a_sweep_removes_what_a_killed_run_left_with_its_processes() -> No
         start_new_session=True,
     )  # fmt: skip
     try:
+        # `ip netns exec` enters the namespace only once it runs: a sweep before
+        # that would find nobody there to kill.
+        await inside(layout.namespaces["svc-a"], stray.pid)
         assert set(layout.all_namespaces) <= set(netns.sweep_stale())
         assert netns.namespaces_of(layout.run_id) == []
         assert stray.wait(10) == -9  # killed with its namespace
