@@ -99,15 +99,17 @@ async def relay(request: web.BaseRequest, reply: Reply, *,
                 message = await source.receive()
                 if message.type not in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.BINARY):
                     break
-                if len(message.data) > max_message:
+                text = message.type == aiohttp.WSMsgType.TEXT
+                data = message.data.encode("utf-8") if text else message.data
+                if len(data) > max_message:
                     # Only a compressed message gets here: aiohttp bounds it
                     # once inflated, at one byte more than the limit.
                     code = aiohttp.WSCloseCode.MESSAGE_TOO_BIG
                     break
-                if message.type == aiohttp.WSMsgType.TEXT:
+                if text:
                     await sink.send_str(message.data)
                 else:
-                    await sink.send_bytes(message.data)
+                    await sink.send_bytes(data)
         except Exception:
             codes.append(aiohttp.WSCloseCode.INTERNAL_ERROR)
             raise

@@ -129,6 +129,13 @@ async def test_a_message_over_the_body_limit_closes_with_1009_either_way(make_me
             assert answer.type == aiohttp.WSMsgType.CLOSE, answer
             assert answer.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
         assert await closed_with(closes, 4) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        # Text is measured in UTF-8 bytes, not characters.
+        async with session.ws_connect(direct, max_msg_size=0, compress=15) as ws:
+            await ws.send_str("é" * (LIMIT // 2) + "a")
+            answer = await ws.receive(timeout=10)
+            assert answer.type == aiohttp.WSMsgType.CLOSE, answer
+            assert answer.data == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        assert await closed_with(closes, 5) == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
         # And the path still serves.
         async with session.ws_connect(url) as ws:
             await ws.send_bytes(b"z")
