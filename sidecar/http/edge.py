@@ -111,8 +111,9 @@ def to_call(request: web.BaseRequest, direction: Direction, *, body_limit: int,
     if websocket.is_upgrade(request):
         offered = request.headers.get("Sec-WebSocket-Protocol", "")
         call.websocket_protocols = tuple(p.strip() for p in offered.split(",") if p.strip())
-    if request.message.url.is_absolute():
-        call.absolute_host = request.message.url.raw_authority
+    parsed = listener.request_target(request)
+    if parsed.is_absolute():
+        call.absolute_host = parsed.raw_authority
     return call
 
 
