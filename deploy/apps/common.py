@@ -278,7 +278,10 @@ def run(
         file=sys.stderr,
         flush=True,
     )
-    # No access log: its lines would carry paths with patient identifiers.
+    # No access log: its lines would carry paths with patient identifiers. The
+    # accept queue is as deep as the sidecar's listeners: past aiohttp's 128 a burst
+    # of connects from the sidecar would wait out the kernel's 1 s SYN resend.
     web.run_app(
-        make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None
+        make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None,
+        backlog=1024,
     )

@@ -24,6 +24,7 @@ METHODS = frozenset(names.HTTP_METHODS - {"CONNECT", "TRACE"})
 MAX_PATH = 2048
 # What a request target may hold as written (RFC 3986 wants the rest percent-encoded).
 _VISIBLE_ASCII = re.compile(r"[!-~]*")
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _KEY = re.compile(r"[a-z_][a-z0-9_]{0,31}")
 NAME_RULE = "lowercase letters, '_' and '-', at most 32 characters, one digit at the end allowed"
 
@@ -204,6 +205,9 @@ def _path(raw: Any, where: str, problems: Problems, *, earlier: list[str] | None
         problems.add(where, f"must be a valid path ({exc})")
     if "#" in sample:
         problems.add(where, "must not hold a fragment ('#')")
+    elif _BAD_ESCAPE.search(sample.partition("?")[2]):
+        # The path's own escapes are `normalise`'s to judge; the query's are here.
+        problems.add(where, "must be a valid path (malformed percent-escape in the query)")
     return raw
 
 

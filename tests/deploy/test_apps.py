@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -621,12 +622,22 @@ async def test_each_module_serves_on_its_own() -> None:
         async with aiohttp.ClientSession() as s:
             for name, port in ports.items():
                 assert await _health(s, port) == {"status": "ok", "service": name}
+                # The accept queue is as deep as the sidecar's (aiohttp's default, 128,
+                # would drop a burst of the sidecar's connects past it).
+                assert _backlog(port) == 1024, name
     finally:
         for process in processes:
             if process.returncode is None:
                 process.terminate()
         codes = [await asyncio.wait_for(process.wait(), timeout=10) for process in processes]
     assert codes == [0] * len(processes), "SIGTERM stops each app cleanly"
+
+
+def _backlog(port: int) -> int:
+    """The listen backlog of the socket on 127.0.0.1:`port` (`ss` shows it as Send-Q)."""
+    listed = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
+                            text=True, timeout=10, check=True).stdout.split()
+    return int(listed[2])
 
 
 async def _health(s: aiohttp.ClientSession, port: int) -> Any:

@@ -129,3 +129,11 @@ def test_a_percent_encoded_path_and_query_are_kept() -> None:
         {"name": "x", "action": {"service": "billing-engine", "path": path}}]},
         services=SERVICES, max_steps=20)
     assert saga.steps[0].action.path == path
+
+
+@pytest.mark.parametrize("path", ["/claims?x=%zz", "/claims?x=%4", "/claims?x=%"])
+def test_a_query_with_a_malformed_escape_is_refused(path: str) -> None:
+    errors, _ = problems({"name": "a", "steps": [
+        {"name": "x", "action": {"service": "billing-engine", "path": path}}]})
+    assert errors == ["steps[0].action.path: must be a valid path (malformed percent-escape "
+                      "in the query)"]
