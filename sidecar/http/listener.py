@@ -136,7 +136,7 @@ def request_target(request: web.BaseRequest) -> URL:
     """The request-target as the parser read it, absolute-form included.
 
     aiohttp's public way to it is `Request.message`, deprecated: it issues a
-    DeprecationWarning on every read, which cost a `warnings.warn` per call.
+    DeprecationWarning once per request, a `warnings.warn` on every call.
     """
     return request._message.url
 

@@ -634,10 +634,14 @@ async def test_each_module_serves_on_its_own() -> None:
 
 
 def _backlog(port: int) -> int:
-    """The listen backlog of the socket on 127.0.0.1:`port` (`ss` shows it as Send-Q)."""
-    listed = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True,
-                            text=True, timeout=10, check=True).stdout.split()
-    return int(listed[2])
+    """The listen backlog of the socket on 127.0.0.1:`port`: `ss` (iproute2, as `ip` for
+    the topology tests) shows it as Send-Q, capped at net.core.somaxconn."""
+    listed = subprocess.run(["ss", "-ltnH", f"src 127.0.0.1:{port}"], capture_output=True,
+                            text=True, timeout=10, check=True).stdout.splitlines()
+    assert len(listed) == 1, f"one listener on 127.0.0.1:{port} expected: {listed}"
+    state, _, send_q, *_ = listed[0].split()
+    assert state == "LISTEN", listed
+    return int(send_q)
 
 
 async def _health(s: aiohttp.ClientSession, port: int) -> Any:
