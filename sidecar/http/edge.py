@@ -214,7 +214,7 @@ async def serve(request: web.BaseRequest, handler: Handler, direction: Direction
             headers: CIMultiDict[str] = CIMultiDict()
             extra(call, reply, headers)
             return await websocket.relay(request, reply, headers=headers,
-                                         max_message=body_limit)
+                                         max_message=body_limit, idle=idle)
         # After a refused upgrade the client may already be speaking the other
         # protocol: nothing more on this connection is read as HTTP.
         refused_upgrade = hdrs.UPGRADE in request.headers

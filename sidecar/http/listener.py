@@ -11,15 +11,18 @@ request becomes a call.
 This is the one module that touches aiohttp's private attributes (the
 protocol's parser state, a site's server, the client session's hidden
 resend, the headers a response adds as it starts and when it sends them,
-the request-target as parsed): each is named and explained here, so an
-aiohttp upgrade has one place to check.
+the request-target as parsed, a client WebSocket's connection): each is
+named and explained here, so an aiohttp upgrade has one place to check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -139,6 +142,29 @@ def request_target(request: web.BaseRequest) -> URL:
     DeprecationWarning once per request, a `warnings.warn` on every call.
     """
     return request._message.url
+
+
+def cut(transport: asyncio.Transport | None) -> None:
+    """Close `transport` at once with a reset, whatever is queued for it dropped.
+
+    A peer that reads nothing more cannot take a close frame, and a closed (or
+    merely aborted) socket is kept by the kernel, its queued bytes with it,
+    for as long as the peer keeps its window open a crack: a zero linger
+    makes the close a reset.
+    """
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def websocket_transport(ws: aiohttp.ClientWebSocketResponse) -> asyncio.Transport | None:
+    """The connection under aiohttp's client WebSocket (`_conn`: it offers no public way)."""
+    connection = ws._conn
+    return connection.transport if connection is not None else None
 
 
 def close_now(request: web.BaseRequest) -> None:

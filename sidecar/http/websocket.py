@@ -33,6 +33,10 @@ HANDSHAKE = ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extens
              "Sec-WebSocket-Protocol", "Host")
 
 
+# Either side of a relayed WebSocket: the client's (aiohttp's server side) or upstream's.
+Socket = aiohttp.ClientWebSocketResponse | web.WebSocketResponse
+
+
 def _reader_limit(max_message: int) -> int:
     """aiohttp's `max_msg_size` for messages of at most `max_message` bytes: it refuses
     a message of `max_msg_size` or more, from the frame's header on, before
@@ -76,9 +80,14 @@ async def connect(session: aiohttp.ClientSession, call: Call, base_url: str, *,
     return Reply(status=101, headers=CIMultiDict(), upgrade=upstream)
 
 
-async def relay(request: web.BaseRequest, reply: Reply, *,
-                headers: CIMultiDict[str], max_message: int) -> web.StreamResponse:
-    """Accept the client's upgrade (with `headers`) and relay frames until either side closes."""
+async def relay(request: web.BaseRequest, reply: Reply, *, headers: CIMultiDict[str],
+                max_message: int, idle: float | None) -> web.StreamResponse:
+    """Accept the client's upgrade (with `headers`) and relay frames until either side closes.
+
+    A side may stay quiet as long as it likes, but one that takes no message
+    for `idle` seconds (`limits.idle_timeout`: it stopped reading) is cut, as
+    a relayed body that stops moving is, and the other side is told 1001.
+    """
     upstream = reply.upgrade
     assert upstream is not None, "relay takes a 101 reply"
     client = listener.WebSocketAnswer(
@@ -90,9 +99,9 @@ async def relay(request: web.BaseRequest, reply: Reply, *,
 
     # The first side to close names the code both are closed with.
     codes: list[int] = []
+    stalled: list[Socket] = []  # sides that took nothing for `idle`: cut, not closed
 
-    async def pipe(source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
-                   sink: aiohttp.ClientWebSocketResponse | web.WebSocketResponse) -> None:
+    async def pipe(source: Socket, sink: Socket) -> None:
         code: int | None = None
         try:
             while True:
@@ -106,10 +115,16 @@ async def relay(request: web.BaseRequest, reply: Reply, *,
                     # once inflated, at one byte more than the limit.
                     code = aiohttp.WSCloseCode.MESSAGE_TOO_BIG
                     break
-                if text:
-                    await sink.send_str(message.data)
-                else:
-                    await sink.send_bytes(data)
+                try:
+                    async with asyncio.timeout(idle):
+                        if text:
+                            await sink.send_str(message.data)
+                        else:
+                            await sink.send_bytes(data)
+                except TimeoutError:
+                    stalled.append(sink)
+                    code = aiohttp.WSCloseCode.GOING_AWAY
+                    break
         except Exception:
             codes.append(aiohttp.WSCloseCode.INTERNAL_ERROR)
             raise
@@ -123,7 +138,8 @@ async def relay(request: web.BaseRequest, reply: Reply, *,
                 code = getattr(message.data, "code", None)
             code = code or source.close_code
         codes.append(sendable(code))
-        await sink.close(code=codes[0])
+        if sink not in stalled:
+            await _close(sink, codes[0], idle)
 
     both = [asyncio.ensure_future(pipe(client, upstream)),
             asyncio.ensure_future(pipe(upstream, client))]
@@ -135,11 +151,23 @@ async def relay(request: web.BaseRequest, reply: Reply, *,
         await asyncio.gather(*both, return_exceptions=True)
         # Closing one side wakes the pipe reading it, which may end first and
         # cancel the other before its close went out: both are closed here
-        # with the first code.
+        # with the first code. A side that stopped reading is cut instead.
         code = codes[0] if codes else aiohttp.WSCloseCode.INTERNAL_ERROR
-        await upstream.close(code=code)
-        await client.close(code=code)
+        if upstream in stalled or not await _close(upstream, code, idle):
+            listener.cut(listener.websocket_transport(upstream))
+        if client in stalled or not await _close(client, code, idle):
+            listener.cut(request.transport)
     return client
+
+
+async def _close(socket: Socket, code: int, within: float | None) -> bool:
+    """Close `socket` with `code`; False when it did not take the close in time."""
+    try:
+        async with asyncio.timeout(within):
+            await socket.close(code=code)
+    except TimeoutError:
+        return False
+    return True
 
 
 # Codes RFC 6455 (7.4) lets an endpoint put in a close frame: the defined ones

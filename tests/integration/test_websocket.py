@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 
 import aiohttp
 import pytest
@@ -150,3 +152,65 @@ async def test_a_message_over_the_body_limit_closes_with_1009_either_way(make_me
 def test_only_codes_a_close_frame_may_carry_are_passed_on(code: int | None, sent: int) -> None:
     """RFC 6455 7.4: 1005, 1006 and 1015 say what happened and are never sent."""
     assert websocket.sendable(code) == sent
+
+
+async def test_a_side_that_stops_reading_is_cut_after_the_idle_timeout(make_mesh, upstreams):
+    """A quiet socket may stay open, but one that takes nothing while the other side
+    sends (it stopped reading) is cut after limits.idle_timeout, as a relayed body
+    that stops is: the relay would otherwise hold its connection, and a message,
+    for ever. The other side is closed with 1001 and the sidecar serves on."""
+    mesh = make_mesh(["a"])
+    app = await upstreams().start()
+    ended: list[int | None] = []
+
+    async def flood(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        if request.path.endswith("/flood"):
+            try:
+                for _ in range(200):  # 12.5 MiB at most, far past the client's buffers
+                    await ws.send_bytes(b"f" * 65536)
+                await ws.receive(timeout=30)
+            except (ConnectionError, TimeoutError):
+                pass
+        else:
+            async for message in ws:
+                if message.type == aiohttp.WSMsgType.TEXT:
+                    await ws.send_str("echo:" + message.data)
+        ended.append(ws.close_code)
+        return ws
+
+    app.script = flood
+    a = await mesh.sidecar("a", limits={"idle_timeout": "2s"}, services={
+        "app": {"endpoints": [app.url], "mesh": False}}).start()
+    host, port = a.outbound_url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    # Whatever the client does not read piles up in a small receive buffer.
+    writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(b"GET /app/flood HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    async with asyncio.timeout(10):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    try:
+        # ... and is never read: the app's socket is closed by the relay all the same.
+        async with asyncio.timeout(30):
+            while not ended:
+                await asyncio.sleep(0.05)
+        # Told 1001 when the app takes the relay's close frame within the idle time,
+        # which it does once the relay has read what the app was still sending;
+        # cut (1006) when it does not.
+        assert ended[0] in (aiohttp.WSCloseCode.GOING_AWAY,
+                            aiohttp.WSCloseCode.ABNORMAL_CLOSURE), ended
+        # The client's connection was cut (a reset): what it reads ends soon after.
+        async with asyncio.timeout(30):
+            with contextlib.suppress(ConnectionResetError):
+                while await reader.read(1 << 20):
+                    pass
+    finally:
+        writer.close()
+    async with aiohttp.ClientSession() as session:
+        async with session.ws_connect(a.outbound_url.replace("http", "ws") + "/app/echo") as ws:
+            await ws.send_str("still here")
+            assert (await ws.receive(timeout=10)).data == "echo:still here"
