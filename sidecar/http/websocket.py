@@ -138,6 +138,9 @@ async def relay(request: web.BaseRequest, reply: Reply, *, headers: CIMultiDict[
                 code = getattr(message.data, "code", None)
             code = code or source.close_code
         codes.append(sendable(code))
+        # Closed here, before the relay cancels the other pipe: aiohttp marks a
+        # client socket whose receive is cancelled as closed abnormally, and
+        # its far end would be told 1006 rather than this code (tested).
         if sink not in stalled:
             await _close(sink, codes[0], idle)
 
